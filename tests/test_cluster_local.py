@@ -1,0 +1,251 @@
+"""cluster/local for real: up.sh starts a Ray head, a worker node and an MLflow server with token
+auth on; a job submitted with the token runs, one without it (or with a wrong one) is refused;
+down.sh leaves none of the started processes behind.
+
+Every process gets its own ports, state and temp dirs, so the test runs beside other Ray
+instances on the machine. The test's own environment is never changed: Ray reads RAY_AUTH_MODE
+from it, and other tests start Ray in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+UP = REPO / "cluster" / "local" / "up.sh"
+DOWN = REPO / "cluster" / "local" / "down.sh"
+VENV_BIN = Path(sys.executable).parent
+
+# The job submitted with the token, run from the repository root with `--working-dir .`.
+# It prints what the cluster gives a job: the resources of all nodes and MLflow's address.
+# To submit the training job instead, set e.g.
+#   ENTRYPOINT = "python jobs/train.py --variant xs --epochs 1 --workers 1"
+# and make check_job() look for the run in MLflow (`mlflow_uri`) rather than for RESOURCES.
+ENTRYPOINT = (
+    "python -c 'import json, os, ray; ray.init(); "
+    'print("RESOURCES", json.dumps(ray.cluster_resources())); '
+    'print("MLFLOW", os.environ["MLFLOW_TRACKING_URI"])\''
+)
+HEAD_CPUS, WORKERS, WORKER_CPUS = 1, 1, 1
+
+
+def check_job(output: str, mlflow_uri: str) -> None:
+    """What the submitted job must have done (a succeeded `ray job submit` is checked already)."""
+    lines = output.splitlines()
+    resources = json.loads(next(line for line in lines if line.startswith("RESOURCES "))[10:])
+    # The worker node joined with its own resources: its CPUs and the custom "decode" resource.
+    assert resources["CPU"] == HEAD_CPUS + WORKERS * WORKER_CPUS
+    assert resources["decode"] == WORKERS * WORKER_CPUS
+    # Job drivers inherit the nodes' environment: that is how training finds MLflow.
+    assert f"MLFLOW {mlflow_uri}" in lines
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _submit(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(VENV_BIN / "ray"), "job", "submit", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def _get_json(url: str, token: str) -> dict:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+def _wait_running(dashboard: str, token: str, submission_id: str) -> None:
+    for _ in range(120):
+        status = _get_json(f"{dashboard}/api/jobs/{submission_id}", token)["status"]
+        if status == "RUNNING":
+            return
+        assert status == "PENDING", f"job {submission_id} is {status}"
+        time.sleep(1)
+    raise AssertionError(f"job {submission_id} never started")
+
+
+def _tree(pids: list[int]) -> dict[int, float]:
+    """The processes and all their descendants, with start times (a PID may be reused)."""
+    found = {}
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                found[proc.pid] = proc.create_time()
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def _survivors(tree: dict[int, float], *markers: str) -> list[str]:
+    """Processes of `tree` still running, and any process whose command line names a marker."""
+    left = []
+    for proc in psutil.process_iter(["pid", "cmdline", "create_time"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if tree.get(proc.info["pid"]) == proc.info["create_time"] or any(
+            marker in cmdline for marker in markers
+        ):
+            left.append(f"{proc.info['pid']}: {cmdline[:150]}")
+    return left
+
+
+def _listening_hosts(port: int) -> set[str]:
+    return {
+        conn.laddr.ip
+        for conn in psutil.net_connections(kind="inet")
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_local_cluster_token_auth_and_clean_shutdown(tmp_path, s3_bucket):
+    import boto3
+    import mlflow
+
+    state_dir = tmp_path / "state"
+    # Short: Ray's Unix socket paths inside it must stay under 107 bytes.
+    ray_temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    ports = {name: _free_port() for name in ("RAY", "CLIENT", "DASHBOARD", "MLFLOW")}
+    dashboard = f"http://127.0.0.1:{ports['DASHBOARD']}"
+    mlflow_uri = f"http://127.0.0.1:{ports['MLFLOW']}"
+    artifacts = f"{s3_bucket}/mlflow-{uuid.uuid4().hex[:8]}"
+    cluster_env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+        "STATE_DIR": str(state_dir),
+        "RAY_TEMP_DIR": ray_temp_dir,
+        "RAY_PORT": str(ports["RAY"]),
+        "RAY_CLIENT_PORT": str(ports["CLIENT"]),
+        "DASHBOARD_PORT": str(ports["DASHBOARD"]),
+        "MLFLOW_PORT": str(ports["MLFLOW"]),
+        "HEAD_CPUS": str(HEAD_CPUS),
+        "WORKERS": str(WORKERS),
+        "WORKER_CPUS": str(WORKER_CPUS),
+        "OBJECT_STORE_MEMORY": str(100 * 1024**2),
+        "MLFLOW_ARTIFACTS_DESTINATION": artifacts,
+        "STARTUP_TIMEOUT": "180",
+    }
+    # A client that has none of the cluster's settings, and no ~/.ray/auth_token to fall back on.
+    bare_env = {k: v for k, v in cluster_env.items() if not k.startswith("RAY_AUTH")}
+    bare_env |= {"HOME": str(tmp_path), "RAY_ADDRESS": dashboard}
+    try:
+        up = subprocess.run(
+            ["bash", str(UP)], env=cluster_env, capture_output=True, text=True, timeout=400
+        )
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert f"RAY_ADDRESS={dashboard} \\" in up.stdout  # it says how to submit
+
+        token_file = state_dir / "auth_token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        token = token_file.read_text()
+        client_env = bare_env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+
+        # The job server and MLflow listen on the loopback interface only.
+        assert _listening_hosts(ports["DASHBOARD"]) == {"127.0.0.1"}
+        assert _listening_hosts(ports["MLFLOW"]) == {"127.0.0.1"}
+
+        job = _submit(client_env, "--working-dir", ".", "--", *shlex.split(ENTRYPOINT))
+        assert job.returncode == 0, job.stdout + job.stderr
+        check_job(job.stdout, mlflow_uri)
+
+        refused = _submit(bare_env, "--", "python", "-c", "print('ran without a token')")
+        assert refused.returncode != 0
+        assert "Missing authentication token" in refused.stderr
+        wrong = _submit(
+            bare_env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
+            "--",
+            "python",
+            "-c",
+            "print('ran with a wrong token')",
+        )
+        assert wrong.returncode != 0
+        assert "Invalid authentication token" in wrong.stderr
+        with pytest.raises(urllib.error.HTTPError) as no_header:
+            urllib.request.urlopen(f"{dashboard}/api/jobs/", timeout=10)
+        assert no_header.value.code == 401
+        # Only the job with the token ever reached the cluster.
+        assert len(_get_json(f"{dashboard}/api/jobs/", token)) == 1
+
+        # MLflow keeps artifacts where MLFLOW_ARTIFACTS_DESTINATION says (S3 here), proxied.
+        mlflow.set_tracking_uri(mlflow_uri)
+        with mlflow.start_run() as run:
+            mlflow.log_text("hello", "note.txt")
+        bucket, prefix = artifacts.removeprefix("s3://").split("/", 1)
+        keys = [
+            obj["Key"]
+            for obj in boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]
+        ]
+        assert any(key.endswith(f"{run.info.run_id}/artifacts/note.txt") for key in keys), keys
+
+        # A job still running when the cluster goes down must go down with it.
+        marker = f"sleeper-{uuid.uuid4().hex[:8]}"
+        sleeper = _submit(
+            client_env,
+            "--no-wait",
+            f"--submission-id={marker}",
+            "--",
+            "python",
+            "-c",
+            f"import time; time.sleep(600)  # {marker}",
+        )
+        assert sleeper.returncode == 0, sleeper.stdout + sleeper.stderr
+        _wait_running(dashboard, token, marker)
+        assert _survivors({}, marker), "the sleeping job's driver should be running"
+
+        roots = [int(p.read_text().split()[0]) for p in (state_dir / "pids").glob("*.pid")]
+        assert len(roots) == 1 + WORKERS + 1  # head, workers, MLflow
+        tree = _tree(roots)
+        assert len(tree) > 10  # GCS, raylets, dashboard, agents, workers, MLflow's children
+    finally:
+        down = subprocess.run(
+            ["bash", str(DOWN)], env=cluster_env, capture_output=True, text=True, timeout=120
+        )
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert _survivors(tree, ray_temp_dir, str(state_dir), marker) == []
+    assert not (state_dir / "auth_token").exists()
+    shutil.rmtree(ray_temp_dir, ignore_errors=True)
+
+
+def test_up_refuses_a_port_in_use_and_starts_nothing(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            **os.environ,
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+            "STATE_DIR": str(tmp_path / "state"),
+            **{var: str(_free_port()) for var in ("RAY_PORT", "RAY_CLIENT_PORT", "MLFLOW_PORT")},
+            "DASHBOARD_PORT": str(port),
+        }
+        up = subprocess.run(["bash", str(UP)], env=env, capture_output=True, text=True, timeout=60)
+    assert up.returncode == 1
+    assert f"port {port} (DASHBOARD_PORT) is in use" in up.stderr
+    assert not (tmp_path / "state" / "pids").exists()
+    assert not (tmp_path / "state" / "auth_token").exists()
