@@ -84,7 +84,9 @@ def apply_overrides(tree: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=5)")
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value (e.g. train.epochs=5)"
+            )
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as err:
@@ -130,12 +132,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(arg, value, where)
-            except ConfigError as err:
-                errors.append(str(err))
+            except ConfigError:
+                continue
         raise ConfigError(f"{where}: {value!r} fits none of {_type_name(tp)}")
     if origin is typing.Literal:
         if value not in args:
@@ -157,7 +158,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         elif origin is tuple and args:
             if len(args) != len(value):
                 raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-            items = [_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value))]
+            items = [_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))]
         else:
             inner = args[0] if args else Any
             items = [_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]

@@ -77,7 +77,9 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     try:
         return pafs.FileSystem.from_uri(uri)
     except (pafs.ArrowInvalid, OSError, ValueError) as err:  # type: ignore[attr-defined]
-        raise StorageError(f"{redact(uri)}: unsupported or unreachable storage URI ({err})") from err
+        raise StorageError(
+            f"{redact(uri)}: unsupported or unreachable storage URI ({err})"
+        ) from err
 
 
 def read_bytes(uri: str) -> bytes:
@@ -148,7 +150,9 @@ def check_writable(uri: str) -> None:
     try:
         fs.delete_file(path)
     except OSError as err:
-        raise StorageError(f"{redact(uri)}: wrote a probe file but can't delete it ({err})") from err
+        raise StorageError(
+            f"{redact(uri)}: wrote a probe file but can't delete it ({err})"
+        ) from err
 
 
 def _s3_endpoint() -> str | None:

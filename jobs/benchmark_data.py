@@ -1,0 +1,222 @@
+"""Benchmark the video data path (figures for docs/benchmarks.md).
+
+    python jobs/benchmark_data.py                 # all three parts, ~2 min on 2 cores
+    python jobs/benchmark_data.py --parts per-core --clips 20
+
+1. per-core: training clips per CPU-second (16 frames at stride 4, 224², RandomResizedCrop +
+   flip + RandAugment, one thread) from 320p and 720p H.264 and 320p VP9/webm videos made here
+   with PyAV (12 s, FFmpeg's default keyframe spacing), against the decode-everything-then-pick
+   baseline (decode every frame at full size to RGB, pick the clip's frames, resize, augment) on
+   the same files. Target: >= 3x.
+2. pipeline: the Ray Data training pipeline's clips/s on 2 CPUs (two decode actors) vs 1 CPU
+   (one), steady state (after the first batch). Target: >= 1.8x.
+3. memory: RSS, USS and PSS of a decode actor while it works (torch maps large shared libraries,
+   so RSS overstates what an actor costs; USS is its own memory). Target: RSS < 1 GB.
+
+Other processes compete for the cores: the load average is printed with the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import av
+import numpy as np
+import torch
+
+VIDEOS = {  # name -> (codec, width, height)
+    "h264-320p": ("h264", 568, 320),
+    "h264-720p": ("h264", 1280, 720),
+    "vp9-320p": ("vp9", 568, 320),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=["per-core", "pipeline", "memory"],
+        choices=["per-core", "pipeline", "memory"],
+    )
+    parser.add_argument("--clips", type=int, default=12, help="clips per measurement (per-core)")
+    parser.add_argument("--pipeline-clips", type=int, default=48, help="clips per pipeline run")
+    parser.add_argument("--seconds", type=float, default=12.0, help="length of the test videos")
+    parser.add_argument("--workdir", help="where the test videos go (default: a temp folder)")
+    return parser.parse_args(argv)
+
+
+def make_videos(folder: str, seconds: float) -> dict[str, str]:
+    """Textured footage panning under moving blocks, so the codecs see real motion."""
+    paths = {}
+    for name, (codec, width, height) in VIDEOS.items():
+        path = os.path.join(folder, f"{name}.{'mp4' if codec == 'h264' else 'webm'}")
+        paths[name] = path
+        if os.path.exists(path):
+            continue
+        rng = np.random.default_rng(0)
+        texture = rng.integers(0, 256, (height // 8 + 8, width // 8 + 8, 3), dtype=np.uint8)
+        texture = np.repeat(np.repeat(texture, 8, axis=0), 8, axis=1)  # 8-pixel blocks
+        fps = 30
+        with av.open(path, "w") as container:
+            stream = container.add_stream("libx264" if codec == "h264" else "libvpx-vp9", rate=fps)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            if codec == "vp9":
+                stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": "32", "b:v": "0"}
+            for t in range(int(seconds * fps)):
+                dx, dy = t % 64, (t // 2) % 64
+                frame = texture[dy : dy + height, dx : dx + width].copy()
+                x = (t * 7) % (width - 64)
+                frame[height // 3 : height // 3 + 64, x : x + 64] = (255, 64, 0)
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+    return paths
+
+
+def per_core(paths: dict[str, str], clips: int) -> None:
+    """Clips per CPU-second, ours vs decode-everything-then-pick, one thread each."""
+    from torchvision.transforms.v2 import functional as F
+
+    from morphmlp.data.augment import train_augment
+    from morphmlp.data.config import DataConfig
+    from morphmlp.data.decode import decode_frames, probe_video
+    from morphmlp.data.sampling import clip_indices
+
+    torch.set_num_threads(1)
+    cfg = DataConfig()  # the release's K400 recipe: 16x4, 224, RRC + flip + RandAugment
+
+    def ours(uri, info, rng):
+        indices = clip_indices(cfg, info.num_frames, info.fps, clip_idx=-1, num_clips=1, rng=rng)
+        frames = decode_frames(uri, indices, short_side=cfg.decode_short_side, threads=1)
+        return train_augment(torch.from_numpy(frames).permute(0, 3, 1, 2), 0, cfg, rng)[0]
+
+    def baseline(uri, info, rng):
+        indices = clip_indices(cfg, info.num_frames, info.fps, clip_idx=-1, num_clips=1, rng=rng)
+        with av.open(uri) as container:
+            container.streams.video[0].thread_count = 1
+            every = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        clip = torch.from_numpy(np.stack([every[i] for i in indices])).permute(0, 3, 1, 2)
+        clip = F.resize(clip, [cfg.decode_short_side])
+        return train_augment(clip, 0, cfg, rng)[0]
+
+    for name, uri in paths.items():
+        info = probe_video(uri)
+        result = {"video": name, "frames": info.num_frames, "seconds": info.duration_sec}
+        for label, fn in (("ours", ours), ("baseline", baseline)):
+            fn(uri, info, np.random.default_rng(99))  # warm up
+            cpu, wall = time.process_time(), time.perf_counter()
+            for i in range(clips):
+                clip = fn(uri, info, np.random.default_rng(i))
+                assert clip.shape == (16, 3, 224, 224)
+            result[f"{label}_cpu"] = clips / (time.process_time() - cpu)
+            result[f"{label}_wall"] = clips / (time.perf_counter() - wall)
+        result["speedup"] = result["ours_cpu"] / result["baseline_cpu"]
+        print(
+            f"  {name}: ours {result['ours_cpu']:.2f} clips/CPU-s ({result['ours_wall']:.2f}/s "
+            f"wall), baseline {result['baseline_cpu']:.2f} ({result['baseline_wall']:.2f}/s), "
+            f"{result['speedup']:.1f}x",
+            flush=True,
+        )
+
+
+def pipeline(paths: dict[str, str], clips: int, cpus: int) -> dict:
+    """Steady-state clips/s of build_train_dataset on `cpus` Ray CPUs, and actor memory."""
+    import psutil
+    import pyarrow as pa
+    import ray
+
+    from morphmlp.data.config import DataConfig
+    from morphmlp.data.decode import probe_video
+    from morphmlp.data.index import VideoIndex
+    from morphmlp.data.pipeline import build_train_dataset
+
+    uris = [paths["h264-320p"], paths["vp9-320p"]] * 8
+    rows = [
+        {"uri": u, "label": i % 2, "split": "train", **probe_video(u).__dict__}
+        for i, u in enumerate(uris)
+    ]
+    index = VideoIndex(pa.Table.from_pylist(rows), ["a", "b"])
+    cfg = DataConfig(decode_actors=(cpus, cpus), cpus_per_decode_actor=1.0)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        ds = build_train_dataset(
+            index, cfg, seed=0, num_epochs=clips // len(uris) + 2, samples_per_epoch=len(uris)
+        )
+        started, seen, memory = None, 0, []
+        for batch in ds.iter_batches(batch_size=cfg.decode_batch_size, batch_format="numpy"):
+            if started is None:  # the actors are up: steady state from here
+                started = time.perf_counter()
+                continue
+            seen += len(batch["label"])
+            if seen % 8 == 0:
+                memory += _decode_actor_memory(psutil)
+            if seen >= clips:
+                break
+        elapsed = time.perf_counter() - started
+    finally:
+        ray.shutdown()
+    peak = np.max(np.array(memory), axis=0) / 2**20
+    result = {
+        "cpus": cpus,
+        "clips_per_s": seen / elapsed,
+        "rss_mb": peak[0],
+        "uss_mb": peak[1],
+        "pss_mb": peak[2],
+    }
+    print(
+        f"  {cpus} CPU(s): {result['clips_per_s']:.2f} clips/s; decode actor peak RSS "
+        f"{result['rss_mb']:.0f} MiB, USS {result['uss_mb']:.0f} MiB, PSS {result['pss_mb']:.0f} MiB",
+        flush=True,
+    )
+    return result
+
+
+def _decode_actor_memory(psutil) -> list[tuple[int, int, int]]:
+    """(rss, uss, pss) of every live decode actor process (Ray titles them ray::MapWorker...)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if cmdline and cmdline[0].startswith("ray::MapWorker"):
+            try:
+                mem = proc.memory_full_info()
+            except psutil.Error:
+                continue
+            found.append((mem.rss, mem.uss, mem.pss))
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    load = os.getloadavg()
+    print(
+        f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, PyAV "
+        f"{av.__version__}; load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.workdir or tmp
+        os.makedirs(folder, exist_ok=True)
+        paths = make_videos(folder, args.seconds)
+        if "per-core" in args.parts:
+            print("Training clips per CPU core (16x4, 224², full augmentation):", flush=True)
+            per_core(paths, args.clips)
+        if "pipeline" in args.parts or "memory" in args.parts:
+            print("Ray Data pipeline, steady state:", flush=True)
+            one = pipeline(paths, args.pipeline_clips, 1)
+            two = pipeline(paths, args.pipeline_clips, 2)
+            print(f"  2 CPUs / 1 CPU: {two['clips_per_s'] / one['clips_per_s']:.2f}x", flush=True)
+    load = os.getloadavg()
+    print(f"load average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""PyAV decoding straight from storage: probe a video, decode only the frames a clip needs.
+
+The file is opened through pyarrow.fs (local, s3://, gs://) as a seekable handle, so FFmpeg reads
+only the byte ranges it asks for: no copy of the whole object to disk. Decoding seeks to the
+keyframe before the first wanted frame, decodes until the last one and converts (and scales to the
+wanted short side, in one swscale call) only the frames that are kept, so full-resolution RGB
+frames are never materialised. Every failure becomes a VideoDecodeError with a reason from
+VideoDecodeError.REASONS, which the bad-data ledger records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import av
+import numpy as np
+
+from morphmlp.data import storage
+from morphmlp.data.errors import VideoDecodeError
+
+# FFmpeg reads through Python in chunks of this size; on object stores each chunk is one ranged
+# GET, so it is much larger than PyAV's 32 KiB default.
+_IO_BUFFER = 1 << 20
+# Wanted frames further apart than this (in frames) are reached by a new seek instead of decoding
+# through the gap: a keyframe is rarely more than a few seconds away.
+_SEEK_GAP_SECONDS = 3.0
+# An index's frame count may overstate what decodes by a frame or two (edit lists, rate
+# rounding); fewer than that many missing frames are filled with the last frame, more is truncation.
+_MISSING_FRAMES_TOLERANCE = 2
+
+# Leading bytes of containers we expect: if one of these can't be opened, it was cut short.
+_SIGNATURES = (
+    (4, b"ftyp"),  # MP4 / MOV
+    (0, b"\x1a\x45\xdf\xa3"),  # Matroska / WebM
+    (0, b"RIFF"),  # AVI
+)
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the index stores about a video (probed once, used to plan every clip)."""
+
+    duration_sec: float
+    fps: float
+    num_frames: int
+    width: int
+    height: int
+    codec: str
+
+
+def probe_video(uri: str) -> VideoInfo:
+    """Read a video's metadata and decode its first frame (proof the stream is readable)."""
+    with _open(uri) as (container, stream):
+        fps = _fps(uri, stream)
+        num_frames = stream.frames
+        if num_frames <= 0:
+            # WebM/Matroska headers carry no frame count: count packets (demux only, no decode).
+            container.seek(0)
+            num_frames = _guard(
+                uri, "unreadable_stream", lambda: sum(1 for p in container.demux(stream) if p.size)
+            )
+            container.seek(0)
+        if num_frames <= 0:
+            raise VideoDecodeError(storage.redact(uri), "unreadable_stream", "no video packets")
+        if stream.duration is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / av.time_base
+        else:
+            duration = num_frames / fps
+        if stream.frames <= 0 and num_frames < 0.9 * duration * fps - _MISSING_FRAMES_TOLERANCE:
+            raise VideoDecodeError(
+                storage.redact(uri),
+                "truncated",
+                f"{num_frames} frames where the header's {duration:.2f}s at {fps:g} fps promise "
+                f"{round(duration * fps)}",
+            )
+        first = _guard(uri, "unreadable_stream", lambda: next(container.decode(stream), None))
+        if first is None:
+            raise VideoDecodeError(
+                storage.redact(uri), "unreadable_stream", "the video stream decodes no frames"
+            )
+        return VideoInfo(
+            duration_sec=duration,
+            fps=fps,
+            num_frames=int(num_frames),
+            width=stream.codec_context.width,
+            height=stream.codec_context.height,
+            codec=stream.codec_context.name,
+        )
+
+
+def decode_frames(
+    uri: str, indices: Sequence[int], *, short_side: int | None = None, threads: int = 1
+) -> np.ndarray:
+    """Frames `indices` (0-based, may repeat) as uint8 (len(indices), H, W, 3) RGB.
+
+    short_side scales every frame so that its shorter side has that many pixels (the longer one
+    floor(long / short * short_side), as PySlowFast does); None keeps the stored size.
+    """
+    wanted = sorted({int(i) for i in indices})
+    if not wanted or wanted[0] < 0:
+        raise ValueError(f"frame indices must be >= 0, got {list(indices)[:8]}")
+    with _open(uri) as (container, stream):
+        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = threads
+        reader = _Reader(container, stream, _fps(uri, stream), short_side)
+        _guard(uri, "unreadable_stream", lambda: reader.read(wanted))
+    kept = reader.kept
+    if not kept:
+        raise VideoDecodeError(storage.redact(uri), "unreadable_stream", "decoded no frames")
+    last = max(kept)
+    if wanted[-1] - last > _MISSING_FRAMES_TOLERANCE:
+        how = f"breaks ({reader.broken})" if reader.broken else "ends"
+        raise VideoDecodeError(
+            storage.redact(uri),
+            "truncated",
+            f"the stream {how} at frame {last} but frame {wanted[-1]} was wanted",
+        )
+    # Fill frames the stream lacks (within tolerance) with the nearest earlier decoded one.
+    available = sorted(kept)
+    out = []
+    for i in indices:
+        j = np.searchsorted(available, i, side="right") - 1
+        out.append(kept[available[max(j, 0)]])
+    return np.stack(out)
+
+
+def output_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
+    """(width, height) after scaling the short side to `short_side`."""
+    if short_side is None:
+        return width, height
+    if width <= height:
+        return short_side, math.floor(height / width * short_side)
+    return math.floor(width / height * short_side), short_side
+
+
+class _Reader:
+    """Decodes the wanted frames of an open stream into `kept` (index -> RGB array).
+
+    A decoding error after frames were decoded is taken as the end of the stream (`broken` says
+    why): whether that is truncation is judged by which wanted frames are missing.
+    """
+
+    def __init__(self, container, stream, fps: float, short_side: int | None):
+        self.container = container
+        self.stream = stream
+        self.fps = fps
+        self.short_side = short_side
+        self.kept: dict[int, np.ndarray] = {}
+        self.broken: str | None = None
+
+    def read(self, wanted: list[int]) -> None:
+        gap = max(1, round(_SEEK_GAP_SECONDS * self.fps))
+        groups: list[list[int]] = [[wanted[0]]]
+        for i in wanted[1:]:
+            if i - groups[-1][-1] > gap:
+                groups.append([i])
+            else:
+                groups[-1].append(i)
+        for group in groups:
+            if not self._read_group(group):
+                # The seek landed after the wanted frame, or frames carry no timestamps: decode
+                # from the start and count frames instead.
+                self._read_sequential(wanted)
+                return
+
+    def _index(self, pts: int) -> int:
+        """Frame index of a presentation timestamp."""
+        origin = self.stream.start_time or 0
+        return round(float((pts - origin) * self.stream.time_base) * self.fps)
+
+    def _read_group(self, group: list[int]) -> bool:
+        origin = self.stream.start_time or 0
+        wanted = set(group)
+        # Aim half a frame early so rounding in the timestamps can't skip the first wanted frame.
+        target = origin + max(0, int((group[0] - 0.5) / self.fps / self.stream.time_base))
+        self.container.seek(target, stream=self.stream, backward=True, any_frame=False)
+        first = True
+        for frame in self._decoded(skip_before=group[0]):
+            if frame.pts is None:
+                return False
+            index = self._index(frame.pts)
+            if first and index > group[0]:
+                return False
+            first = False
+            if index in wanted:
+                self.kept[index] = _to_rgb(frame, self.short_side)
+            if index >= group[-1]:
+                break
+        return True
+
+    def _read_sequential(self, wanted: list[int]) -> None:
+        self.container.seek(0)
+        wanted_set = set(wanted)
+        for index, frame in enumerate(self._decoded()):
+            if index in wanted_set:
+                self.kept[index] = _to_rgb(frame, self.short_side)
+            if index >= wanted[-1]:
+                break
+
+    def _decoded(self, skip_before: int | None = None) -> Iterator[av.VideoFrame]:
+        """Decoded frames from the current position. Packets of frames before `skip_before` are
+        decoded only if other frames reference them: the keyframe-to-clip preroll is most of
+        the work, and for H.264 about half of it is non-reference B-frames."""
+        context = self.stream.codec_context
+        try:
+            for packet in self.container.demux(self.stream):
+                if skip_before is not None and packet.pts is not None:
+                    early = self._index(packet.pts) < skip_before
+                    context.skip_frame = "NONREF" if early else "DEFAULT"
+                yield from packet.decode()
+        except av.error.FFmpegError as err:
+            if not self.kept:
+                raise
+            self.broken = str(err)
+        finally:
+            context.skip_frame = "DEFAULT"
+
+
+def _to_rgb(frame, short_side: int | None) -> np.ndarray:
+    width, height = output_size(frame.width, frame.height, short_side)
+    return frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
+
+
+def _fps(uri: str, stream) -> float:
+    rate = stream.average_rate or stream.guessed_rate
+    fps = float(rate) if rate else 0.0
+    if not 0 < fps <= 1000:
+        raise VideoDecodeError(storage.redact(uri), "unreadable_stream", f"frame rate {rate!r}")
+    return fps
+
+
+@contextlib.contextmanager
+def _open(uri: str) -> Iterator[tuple[av.container.InputContainer, av.video.stream.VideoStream]]:
+    redacted = storage.redact(uri)
+    try:
+        handle = storage.open_input_file(uri)
+    except FileNotFoundError as err:
+        raise VideoDecodeError(redacted, "missing", "no such file") from err
+    except OSError as err:
+        if "does not exist" in str(err) or "not found" in str(err).lower():
+            raise VideoDecodeError(redacted, "missing", "no such file") from err
+        raise VideoDecodeError(redacted, "io_error", str(err)) from err
+    with handle:
+        if handle.size() == 0:
+            raise VideoDecodeError(redacted, "empty", "zero-byte file")
+        try:
+            container = av.open(handle, mode="r", buffer_size=_IO_BUFFER)
+        except av.error.FFmpegError as err:
+            handle.seek(0)
+            head = handle.read(12)
+            if any(head[at : at + len(sig)] == sig for at, sig in _SIGNATURES):
+                raise VideoDecodeError(
+                    redacted, "truncated", f"container header unreadable ({err.strerror})"
+                ) from err
+            raise VideoDecodeError(
+                redacted, "not_video", f"not a video FFmpeg can read ({err.strerror})"
+            ) from err
+        with container:
+            if not container.streams.video:
+                raise VideoDecodeError(redacted, "no_video_stream", "the file has no video stream")
+            yield container, container.streams.video[0]
+
+
+def _guard(uri: str, reason: str, fn):
+    """Run fn; FFmpeg errors become VideoDecodeError(reason)."""
+    try:
+        return fn()
+    except av.error.FFmpegError as err:
+        raise VideoDecodeError(storage.redact(uri), reason, str(err)) from err

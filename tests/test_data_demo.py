@@ -1,0 +1,72 @@
+"""The built-in demo dataset: valid index, varied real H.264 videos, deterministic by seed,
+generated once (atomically) into the cache."""
+
+import hashlib
+import os
+
+import pytest
+
+from morphmlp.data.decode import decode_frames
+from morphmlp.data.demo import (
+    CLASS_NAMES,
+    DEMO_FLIP_LABEL_MAP,
+    demo_data_config,
+    ensure_demo_dataset,
+)
+from morphmlp.data.index import read_index
+
+
+def _digests(index):
+    return {
+        os.path.relpath(u, os.path.dirname(index.uri)): hashlib.sha256(
+            open(u, "rb").read()
+        ).hexdigest()
+        for u in index.table["uri"].to_pylist()
+    }
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    return ensure_demo_dataset(
+        str(tmp_path_factory.mktemp("a")), train_per_class=3, val_per_class=1
+    )
+
+
+def test_index_classes_splits_and_variety(small_demo):
+    index = read_index(small_demo)
+    assert index.class_names == CLASS_NAMES
+    assert len(index.split("train")) == 18 and len(index.split("val")) == 6
+    rows = index.table.to_pylist()
+    assert {r["codec"] for r in rows} == {"h264"}
+    assert all(112 <= min(r["width"], r["height"]) <= 160 for r in rows)
+    assert all(1.4 <= r["duration_sec"] <= 4.1 for r in rows)
+    assert len({r["fps"] for r in rows}) > 2 and len({(r["width"], r["height"]) for r in rows}) > 2
+    assert sorted(set(index.split("val").table["label"].to_pylist())) == list(range(6))
+    frames = decode_frames(rows[0]["uri"], [0, rows[0]["num_frames"] - 1])
+    assert (frames[0] != frames[1]).any()  # it moves
+
+
+def test_deterministic_by_seed_and_generated_once(small_demo, tmp_path, monkeypatch):
+    monkeypatch.setenv("MORPHMLP_CACHE", str(tmp_path))  # the default cache location
+    again = ensure_demo_dataset(train_per_class=3, val_per_class=1)
+    assert again == str(tmp_path / "demo-v2-seed0-3x1" / "index.parquet")
+    assert _digests(read_index(again)) == _digests(read_index(small_demo))
+    mtime = os.path.getmtime(again)
+    assert ensure_demo_dataset(train_per_class=3, val_per_class=1) == again
+    assert os.path.getmtime(again) == mtime  # cached, not regenerated
+    assert [p for p in os.listdir(tmp_path) if ".tmp-" in p] == []  # built aside, then renamed
+    other = ensure_demo_dataset(str(tmp_path), seed=1, train_per_class=3, val_per_class=1)
+    assert _digests(read_index(other)) != _digests(read_index(again))
+
+
+def test_demo_config_relabels_flips():
+    cfg = demo_data_config()
+    assert cfg.flip_label_map == DEMO_FLIP_LABEL_MAP and cfg.train_crop_size == 112
+    names = {CLASS_NAMES[a]: CLASS_NAMES[b] for a, b in DEMO_FLIP_LABEL_MAP.items()}
+    assert names == {
+        "move_left": "move_right",
+        "move_right": "move_left",
+        "rotate_cw": "rotate_ccw",
+        "rotate_ccw": "rotate_cw",
+    }
+    assert demo_data_config(num_frames=16).num_frames == 16
