@@ -47,6 +47,7 @@ def measure(case: dict) -> dict:
     """One (variant, mode) measurement in this process; `case` comes from the parent."""
     _import_package()
     import torch
+
     from morphmlp.models import create_model
     from morphmlp.models.flops import input_shape
 
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _import_package()
     import torch
+
     from morphmlp.models import variant_config, variant_name
     from morphmlp.models.flops import forward_flops
 

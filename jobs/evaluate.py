@@ -1,7 +1,7 @@
 """Evaluate one checkpoint on one benchmark with the release's multi-view protocol, on Ray.
 
     python jobs/evaluate.py models:/morphmlp/3 --benchmark demo-val
-    python jobs/evaluate.py --model-version 3 --benchmark demo-val-3crop
+    python jobs/evaluate.py --model-version 3 --benchmark demo-val-4x3
     python jobs/evaluate.py runs:/<run_id> --index s3://bucket/k400/index.parquet --split val \
         --clips 4 --crops 3                                      # Kinetics: 4 clips x 3 crops
     python jobs/evaluate.py K400_MorphMLP_S16.pth --variant s --frames 16 \

@@ -8,7 +8,7 @@
         --video-root s3://bucket/ssv2/videos --out s3://bucket/ssv2/index.parquet
 
 Videos that can't be read go to a rejects CSV (uri, row, reason, error_type, detail), by default
-next to the index (<out>.rejects.csv). Progress is logged with an ETA.
+next to the index (<out without .parquet>.rejects.csv). Progress is logged with an ETA.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--video-root", help="folder (URI) the annotations' videos are in")
     parser.add_argument("--split", help="split of every row (default: from the file names)")
     parser.add_argument("--out", required=True, help="index URI to write (.parquet)")
-    parser.add_argument("--rejects", help="rejects file (default: <out>.rejects.csv)")
+    parser.add_argument(
+        "--rejects", help="rejects file (default: <out without .parquet>.rejects.csv)"
+    )
     parser.add_argument(
         "--cpus-per-probe", type=float, default=1.0, help="CPUs per probing task (default 1)"
     )

@@ -14,27 +14,8 @@ import argparse
 import logging
 import sys
 
-from morphmlp.config import apply_overrides, load_yaml, merge
 from morphmlp.errors import MorphMLPError
-
-# flag → dotted config key; each flag overrides the YAML config
-FLAGS = {
-    "variant": ("model.variant", str, "xs, s, b, or a variant YAML written by jobs/tune.py"),
-    "frames": ("model.num_frames", int, "input frames (default: the variant's)"),
-    "img_size": ("model.img_size", int, "input crop size (default: the variant's)"),
-    "pretrained": ("model.pretrained", str, "image or release checkpoint to start from"),
-    "dataset": ("dataset", str, "index URI (Parquet) or `demo`"),
-    "epochs": ("optim.epochs", int, "training epochs"),
-    "batch_size": ("optim.batch_size", int, "clips per worker per step"),
-    "lr": ("optim.lr", float, "learning rate at optim.lr_reference_batch (scaled with batch)"),
-    "workers": ("scaling.workers", int, "Ray Train workers (DDP ranks)"),
-    "gpus_per_worker": ("scaling.gpus_per_worker", float, "GPUs per worker (0: CPU, gloo)"),
-    "cpus_per_worker": ("scaling.cpus_per_worker", float, "CPUs reserved per worker"),
-    "storage": ("run.storage", str, "where checkpoints go: a path or s3://bucket/prefix"),
-    "name": ("run.name", str, "run name (default: <variant>-<frames>x<size>-<dataset>)"),
-    "experiment": ("run.experiment", str, "MLflow experiment"),
-    "seed": ("run.seed", int, "random seed"),
-}
+from morphmlp.train.config import FLAGS, tree_from_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,12 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def config_tree(args: argparse.Namespace) -> dict:
-    tree = load_yaml(args.config) if args.config else {}
-    flags = {key: getattr(args, flag) for flag, (key, _, _) in FLAGS.items()}
-    flags["model.grad_checkpointing"] = args.grad_checkpointing
-    flags["model.compile"] = args.compile
-    given = [f"{key}={value}" for key, value in flags.items() if value is not None]
-    return apply_overrides(merge(tree, apply_overrides({}, given)), args.set)
+    flags = {flag: getattr(args, flag) for flag in FLAGS}
+    tree = tree_from_cli(args.config, flags, args.set)
+    for key, value in (("compile", args.compile), ("grad_checkpointing", args.grad_checkpointing)):
+        if value is not None:
+            tree.setdefault("model", {})[key] = value
+    return tree
 
 
 def main(argv: list[str] | None = None) -> int:

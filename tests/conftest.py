@@ -210,3 +210,35 @@ def demo_index(tmp_path_factory) -> str:
     from morphmlp.data.demo import ensure_demo_dataset
 
     return ensure_demo_dataset(str(tmp_path_factory.mktemp("cache")))
+
+
+def _demo_subset(demo_index: str, folder, val_per_class: list[int]) -> str:
+    """4 training videos per class and val_per_class[label] validation videos."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from morphmlp.data.index import VideoIndex, read_index, write_index
+
+    index = read_index(demo_index)
+    parts = []
+    for label in range(index.num_classes):
+        for split, count in (("train", 4), ("val", val_per_class[label])):
+            rows = index.split(split).table
+            parts.append(rows.filter(pc.equal(rows["label"], label)).slice(0, count))
+    uri = str(folder / "index.parquet")
+    write_index(VideoIndex(pa.concat_tables(parts), index.class_names), None, uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_index(demo_index, tmp_path_factory) -> str:
+    """A few demo videos per class (4 train, 2 val), for jobs that run end to end in tests."""
+    return _demo_subset(demo_index, tmp_path_factory.mktemp("tiny-demo"), [2] * 6)
+
+
+@pytest.fixture(scope="session")
+def ranked_demo_index(demo_index, tmp_path_factory) -> str:
+    """Like tiny_demo_index, but 1, 2, ..., 6 validation videos for classes 0..5: a network that
+    predicts one class for every video (an untrained one does) scores that class's share, so two
+    such networks tie only if they pick the same class."""
+    return _demo_subset(demo_index, tmp_path_factory.mktemp("ranked-demo"), [1, 2, 3, 4, 5, 6])

@@ -32,28 +32,29 @@ UP = REPO / "cluster" / "local" / "up.sh"
 DOWN = REPO / "cluster" / "local" / "down.sh"
 VENV_BIN = Path(sys.executable).parent
 
-# The job submitted with the token, run from the repository root with `--working-dir .`.
-# It prints what the cluster gives a job: the resources of all nodes and MLflow's address.
-# To submit the training job instead, set e.g.
-#   ENTRYPOINT = "python jobs/train.py --variant xs --epochs 1 --workers 1"
-# and make check_job() look for the run in MLflow (`mlflow_uri`) rather than for RESOURCES.
-ENTRYPOINT = (
-    "python -c 'import json, os, ray; ray.init(); "
-    'print("RESOURCES", json.dumps(ray.cluster_resources())); '
-    'print("MLFLOW", os.environ["MLFLOW_TRACKING_URI"])\''
-)
+# The job submitted with the token, run from the repository root with `--working-dir .`: the
+# training job on a few demo videos, for one epoch.
+TRAIN_ARGS = "--variant xs --epochs 1 --batch-size 4 --cpus-per-worker 0.5"
 HEAD_CPUS, WORKERS, WORKER_CPUS = 1, 1, 1
 
 
-def check_job(output: str, mlflow_uri: str) -> None:
-    """What the submitted job must have done (a succeeded `ray job submit` is checked already)."""
-    lines = output.splitlines()
-    resources = json.loads(next(line for line in lines if line.startswith("RESOURCES "))[10:])
-    # The worker node joined with its own resources: its CPUs and the custom "decode" resource.
-    assert resources["CPU"] == HEAD_CPUS + WORKERS * WORKER_CPUS
-    assert resources["decode"] == WORKERS * WORKER_CPUS
-    # Job drivers inherit the nodes' environment: that is how training finds MLflow.
-    assert f"MLFLOW {mlflow_uri}" in lines
+def check_job(output: str, mlflow_uri: str, index_uri: str) -> None:
+    """The job trained, logged to the cluster's MLflow server and registered its models."""
+    import mlflow
+
+    assert "Best model:" in output, output[-2000:]
+    client = mlflow.MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("morphmlp-demo")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["dataset_uri"] == index_uri
+    assert run.data.params["world_size"] == "1" and run.data.params["model.variant"] == "xs"
+    assert run.data.tags["variant"] == "xs" and run.data.tags["git_commit"]
+    assert 0.0 <= run.data.metrics["val/top1"] <= 1.0
+    assert run.data.metrics["train/clips_per_s"] > 0
+    versions = client.search_model_versions(f"run_id='{run.info.run_id}'")
+    assert {v.tags["kind"] for v in versions} == {"best", "final"}
+    assert all(v.name == "morphmlp" and v.tags["dataset"] == index_uri for v in versions)
 
 
 def _free_port() -> int:
@@ -124,7 +125,7 @@ def _listening_hosts(port: int) -> set[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_local_cluster_token_auth_and_clean_shutdown(tmp_path, s3_bucket):
+def test_local_cluster_token_auth_and_clean_shutdown(tmp_path, s3_bucket, tiny_demo_index):
     import boto3
     import mlflow
 
@@ -170,9 +171,11 @@ def test_local_cluster_token_auth_and_clean_shutdown(tmp_path, s3_bucket):
         assert _listening_hosts(ports["DASHBOARD"]) == {"127.0.0.1"}
         assert _listening_hosts(ports["MLFLOW"]) == {"127.0.0.1"}
 
-        job = _submit(client_env, "--working-dir", ".", "--", *shlex.split(ENTRYPOINT))
-        assert job.returncode == 0, job.stdout + job.stderr
-        check_job(job.stdout, mlflow_uri)
+        train = f"python jobs/train.py {TRAIN_ARGS} --dataset {tiny_demo_index} "
+        train += f"--storage {tmp_path / 'runs'}"
+        job = _submit(client_env, "--working-dir", ".", "--", *shlex.split(train))
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        check_job(job.stdout, mlflow_uri, tiny_demo_index)
 
         refused = _submit(bare_env, "--", "python", "-c", "print('ran without a token')")
         assert refused.returncode != 0

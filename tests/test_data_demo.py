@@ -10,7 +10,7 @@ from morphmlp.data.decode import decode_frames
 from morphmlp.data.demo import (
     CLASS_NAMES,
     DEMO_FLIP_LABEL_MAP,
-    demo_data_config,
+    DEMO_VERSION,
     ensure_demo_dataset,
 )
 from morphmlp.data.index import read_index
@@ -49,7 +49,7 @@ def test_index_classes_splits_and_variety(small_demo):
 def test_deterministic_by_seed_and_generated_once(small_demo, tmp_path, monkeypatch):
     monkeypatch.setenv("MORPHMLP_CACHE", str(tmp_path))  # the default cache location
     again = ensure_demo_dataset(train_per_class=3, val_per_class=1)
-    assert again == str(tmp_path / "demo-v2-seed0-3x1" / "index.parquet")
+    assert again == str(tmp_path / f"demo-{DEMO_VERSION}-seed0-3x1" / "index.parquet")
     assert _digests(read_index(again)) == _digests(read_index(small_demo))
     mtime = os.path.getmtime(again)
     assert ensure_demo_dataset(train_per_class=3, val_per_class=1) == again
@@ -59,8 +59,10 @@ def test_deterministic_by_seed_and_generated_once(small_demo, tmp_path, monkeypa
     assert _digests(read_index(other)) != _digests(read_index(again))
 
 
-def test_demo_config_relabels_flips():
-    cfg = demo_data_config()
+def test_demo_recipe_relabels_flips():
+    from morphmlp.train.config import resolve_config
+
+    cfg = resolve_config({}).data  # the embedded default: xs on the demo
     assert cfg.flip_label_map == DEMO_FLIP_LABEL_MAP and cfg.train_crop_size == 112
     names = {CLASS_NAMES[a]: CLASS_NAMES[b] for a, b in DEMO_FLIP_LABEL_MAP.items()}
     assert names == {
@@ -69,4 +71,3 @@ def test_demo_config_relabels_flips():
         "rotate_cw": "rotate_ccw",
         "rotate_ccw": "rotate_cw",
     }
-    assert demo_data_config(num_frames=16).num_frames == 16

@@ -19,9 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+
 from morphmlp import tracking
 from morphmlp.config import to_dict
-from morphmlp.data.demo import CLASS_NAMES, demo_data_config
+from morphmlp.data.demo import CLASS_NAMES
 from morphmlp.data.index import VideoIndex, read_index, write_index
 from morphmlp.errors import ConfigError
 from morphmlp.evaluate import checkpoints
@@ -42,11 +43,16 @@ from morphmlp.evaluate.metrics import average_views, compute_metrics
 from morphmlp.models import create_model
 from morphmlp.models.checkpoint import CheckpointError
 from morphmlp.train.checkpoint import export_model
+from morphmlp.train.config import resolve_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The demo classes under another vocabulary: rotate_* renamed, so 4 of 6 names are shared.
 RENAMED = ["move_left", "move_right", "spin_right", "spin_left", "grow", "shrink"]
 UNRELATED = ["ant", "bee", "cat", "dog", "eel", "fox"]
+
+
+def _demo_data():
+    return resolve_config({}).data  # the demo recipe's data settings
 
 
 def _job(name: str):
@@ -103,7 +109,7 @@ def store(tmp_path, monkeypatch) -> str:
             model=model,
             model_config=to_dict(model.cfg),
             class_names=CLASS_NAMES,
-            data_config=to_dict(demo_data_config()),
+            data_config=to_dict(_demo_data()),
             metrics={},
         )
         run_id = tracking.start_run("morphmlp-train", f"xs-seed{seed}", tags={}, uri=uri)
@@ -362,7 +368,7 @@ def test_multiview_scores_equal_softmax_averaged_by_hand(store, bench_index, ray
     model = create_model("xs", num_classes=6)
     model.load_state_dict(ckpt.state_dict)
     model.eval()
-    cfg = dataclasses.replace(demo_data_config(), test_num_clips=2, test_num_crops=3)
+    cfg = dataclasses.replace(_demo_data(), test_num_clips=2, test_num_crops=3)
     index = read_index(tiny)
     rows = build_eval_dataset(index, cfg, num_clips=2, num_crops=3).take_all()
     assert len(rows) == 2 * 6

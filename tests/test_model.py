@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+
 from morphmlp.errors import ConfigError
 from morphmlp.models import (
     MorphMLPConfig,
@@ -58,10 +59,12 @@ def test_every_variant_trains(name):
     size = {} if name.endswith("_image") else overrides
     # no drop path: it may drop a whole residual branch, and with it that branch's gradients
     model = create_model(name, num_classes=3, drop_path_rate=0.0, **size)
-    # Randomise the temporal FC: at its release init (zeros) no gradient reaches its projection.
+    # Randomise the temporal FC: both inits (see MorphMLPConfig.temporal_init) start it at zero,
+    # where one of its two weights gets no gradient.
     for module in model.modules():
         if isinstance(module, MorphFCt):
             torch.nn.init.normal_(module.mlp_t.weight, std=0.02)
+            torch.nn.init.normal_(module.proj.weight, std=0.02)
     x = _clip(model.cfg, batch=1 if "_b" in name else 2)
     logits = model(x)
     assert logits.shape == (x.shape[0], 3)
@@ -145,12 +148,27 @@ def test_temporal_mixing_matches_index_reference(frames, groups):
     torch.testing.assert_close(m(x), m.proj(expected), rtol=1e-5, atol=1e-5)
 
 
-def test_release_temporal_init_makes_blocks_start_spatial_only():
-    model = build_model(TINY).eval()
+@pytest.mark.parametrize("init", ["release", "zero_proj"])
+def test_temporal_inits_make_blocks_start_spatial_only(init):
+    model = build_model(dataclasses.replace(TINY, temporal_init=init)).eval()
     x = torch.randn(1, 4, 12, 12, 12)
     block = model.blocks1[0]
     assert torch.count_nonzero(block.t_fc(block.t_norm1(x))) == 0
-    assert torch.all(block.t_fc.proj.weight == 1)
+    assert torch.all(block.t_fc.proj.weight == (1 if init == "release" else 0))
+
+
+def test_only_zero_proj_gives_the_temporal_branch_a_gradient_at_init():
+    # The release's init outputs a vector uniform over channels; the LayerNorm of the spatial
+    # branch removes it, so mlp_t's gradient is float noise and proj's is zero (its input is 0).
+    # zero_proj's proj gets a real gradient, and through it mlp_t from the next step on.
+    grads = {}
+    for init in ("release", "zero_proj"):
+        torch.manual_seed(0)
+        model = build_model(dataclasses.replace(TINY, temporal_init=init, drop_path_rate=0.0))
+        model(torch.randn(2, 3, 4, 48, 48)).logsumexp(dim=1).sum().backward()
+        t_fc = model.blocks1[0].t_fc
+        grads[init] = max(t_fc.mlp_t.weight.grad.abs().max(), t_fc.proj.weight.grad.abs().max())
+    assert grads["release"] * 1e4 < grads["zero_proj"], grads  # noise against a signal
 
 
 # --- configuration ----------------------------------------------------------------------------
@@ -195,6 +213,7 @@ def test_xs_fits_the_demo_budget():
         ("xs", {"drop_path_rate": 1.5}, "drop_path_rate: 1.5 must be in [0, 1)"),
         ("xs", {"mlp_ratio": "wide"}, "mlp_ratio: expected a number, got 'wide'"),
         ("xs", {"colour": 3}, "unknown config key 'morphmlp_xs.colour'"),
+        ("xs", {"temporal_init": "ones"}, "temporal_init: 'ones'; choose one of release, zero"),
     ],
 )
 def test_invalid_configurations_fail_at_construction(name, overrides, message):

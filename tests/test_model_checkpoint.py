@@ -8,6 +8,7 @@ import socket
 
 import pytest
 import torch
+
 from morphmlp.errors import ConfigError, StorageError
 from morphmlp.models import (
     CheckpointError,

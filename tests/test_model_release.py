@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from morphmlp.config import from_dict
 from morphmlp.models import (
     MorphMLPConfig,

@@ -1,5 +1,6 @@
 """The release's optimizer recipe: parameter groups and the warmup + cosine schedule."""
 
+import itertools
 import math
 
 import pytest
@@ -45,7 +46,7 @@ def test_schedule_warmup_then_cosine_at_key_steps():
     assert optim.lr_at(60, **kw) == pytest.approx(mid)  # halfway through the cosine
     assert optim.lr_at(110, **kw) == pytest.approx(1e-6)  # the end LR at the last step
     lrs = [optim.lr_at(s, **kw) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))  # monotone after warmup
+    assert all(a >= b for a, b in itertools.pairwise(lrs))  # monotone after warmup
 
 
 def test_optimizer_applies_groups_and_set_lr():

@@ -119,12 +119,12 @@ wait_for() {
 # is what a bare `ray stop` would do). The agents' ports and worker ports are left to Ray
 # (0 = any free port) so that several nodes, and other Ray instances, share one machine.
 common_node_args=(
-    --block --disable-usage-stats --temp-dir="$RAY_TEMP_DIR"
+    --block --disable-usage-stats
     --dashboard-agent-listen-port=0 --min-worker-port=0 --max-worker-port=0
     ${OBJECT_STORE_MEMORY:+--object-store-memory="$OBJECT_STORE_MEMORY"}
 )
 
-launch ray-head ray start --head "${common_node_args[@]}" \
+launch ray-head ray start --head "${common_node_args[@]}" --temp-dir="$RAY_TEMP_DIR" \
     --port="$RAY_PORT" --ray-client-server-port="$RAY_CLIENT_PORT" \
     --num-cpus="$HEAD_CPUS" ${HEAD_GPUS:+--num-gpus="$HEAD_GPUS"} \
     --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT"
@@ -140,8 +140,10 @@ wait_for ray-head job_server_ready
 for i in $(seq 1 "$WORKERS"); do
     # --num-gpus=0: worker nodes share this machine's GPUs with the head; counting them
     # again on every node would let Ray schedule more GPU work than there is hardware.
+    # A temp dir of its own: nodes that share one share runtime_resources/, and a node's agent
+    # unpacking a job's working_dir replaces the folder that a driver on another node runs in.
     launch "ray-worker-$i" ray start --address="127.0.0.1:$RAY_PORT" "${common_node_args[@]}" \
-        --num-cpus="$WORKER_CPUS" --num-gpus=0 --resources="$WORKER_RESOURCES"
+        --temp-dir="$RAY_TEMP_DIR/w$i" --num-cpus="$WORKER_CPUS" --num-gpus=0 --resources="$WORKER_RESOURCES"
     wait_for "ray-worker-$i" grep -q 'Ray runtime started' "$logs_dir/ray-worker-$i.log"
 done
 

@@ -158,7 +158,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         elif origin is tuple and args:
             if len(args) != len(value):
                 raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-            items = [_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))]
+            items = [
+                _coerce(a, v, f"{where}[{i}]")
+                for i, (a, v) in enumerate(zip(args, value, strict=True))
+            ]
         else:
             inner = args[0] if args else Any
             items = [_coerce(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]

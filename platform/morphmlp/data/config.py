@@ -51,6 +51,9 @@ class DataConfig:
     cpus_per_decode_actor: float = 1.0  # fractional: Train workers' CPUs come out of Data's budget
     decode_batch_size: int = 4  # clips per decode call: small keeps every actor busy
     max_bad_fraction: float = 0.01
+    # Training's per-epoch validation: a worker keeps its decoded views (deterministic) when they
+    # fit in this many MiB, and decodes them only once. 0: decode every epoch.
+    val_cache_mb: int = 1024
 
     def __post_init__(self) -> None:
         _positive_int("num_frames", self.num_frames)
@@ -120,6 +123,8 @@ class DataConfig:
             raise ConfigError(
                 f"data.cpus_per_decode_actor: {self.cpus_per_decode_actor!r}; must be > 0"
             )
+        if self.val_cache_mb < 0:
+            raise ConfigError(f"data.val_cache_mb: {self.val_cache_mb!r}; must be >= 0")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError(
                 f"data.max_bad_fraction: {self.max_bad_fraction!r}; must be in [0, 1]"

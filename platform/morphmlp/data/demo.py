@@ -2,13 +2,14 @@
 
 Six classes: a shape moving left / right, rotating clockwise / counter-clockwise, growing /
 shrinking. Any single frame is consistent with every class (random shapes, colours, positions,
-angles, sizes over textured, noisy backgrounds), so only motion tells them apart. Videos are real
+angles, sizes over still, muted backgrounds), so only motion tells them apart. Videos are real
 H.264 mp4 encoded with PyAV at varied sizes (short side 112-160), frame rates (12-30 fps) and
 lengths (1.5-2.5 s), generated once into a cache folder (atomically: built in a temporary folder and
 renamed), deterministic by seed, with a Parquet index whose video URIs are relative to it.
 
 A horizontal flip turns left into right and clockwise into counter-clockwise: train with
-data.flip_label_map = DEMO_FLIP_LABEL_MAP (or random_flip off).
+data.flip_label_map = DEMO_FLIP_LABEL_MAP (or random_flip off), as the demo recipe
+(morphmlp/train/recipes/xs.yaml) does.
 """
 
 from __future__ import annotations
@@ -26,13 +27,12 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
-from morphmlp.data.config import DataConfig
 from morphmlp.data.decode import probe_video
 from morphmlp.data.index import VideoIndex, write_index
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = "v2"
+DEMO_VERSION = "v4"
 CLASS_NAMES = ["move_left", "move_right", "rotate_cw", "rotate_ccw", "grow", "shrink"]
 DEMO_FLIP_LABEL_MAP = {0: 1, 1: 0, 2: 3, 3: 2}
 _SHORT_SIDES = (112, 120, 128, 144, 160)
@@ -50,7 +50,7 @@ def ensure_demo_dataset(
     """Path of the demo index (Parquet), generating the videos on first use.
 
     cache_dir defaults to $MORPHMLP_CACHE or ~/.cache/morphmlp; the dataset lives in
-    <cache_dir>/demo-v1-seed<seed> (plus -<train>x<val> for non-default sizes).
+    <cache_dir>/demo-<version>-seed<seed> (plus -<train>x<val> for non-default sizes).
     """
     base = cache_dir or os.environ.get("MORPHMLP_CACHE") or os.path.expanduser("~/.cache/morphmlp")
     name = f"demo-{DEMO_VERSION}-seed{seed}"
@@ -74,28 +74,6 @@ def ensure_demo_dataset(
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("generated the demo dataset in %s (%.1fs)", folder, time.monotonic() - started)
     return index_path
-
-
-def demo_data_config(**overrides) -> DataConfig:
-    """A DataConfig suited to the demo: 8 frames at 112², flips relabelled, milder crops.
-
-    The shape must stay in view, so RandomResizedCrop keeps at least 40% of the frame.
-    """
-    settings = {
-        "num_frames": 8,
-        "sampling_rate": 4,
-        "train_crop_size": 112,
-        "test_crop_size": 112,
-        "train_jitter_scales": (128, 160),
-        "rrc_scale": (0.4, 1.0),
-        "flip_label_map": dict(DEMO_FLIP_LABEL_MAP),
-        "rand_augment": "rand-m5-n2-mstd0.5-inc1",
-        "random_erasing": 0.1,
-        "decode_actors": (1, 2),
-        "cpus_per_decode_actor": 0.5,
-    }
-    settings.update(overrides)
-    return DataConfig(**settings)
 
 
 def _generate(folder: str, seed: int, per_class: dict[str, int]) -> None:
@@ -137,8 +115,11 @@ def _write_video(path: str, label: int, rng: np.random.Generator) -> None:
     num_frames = round(rng.uniform(1.5, 2.5) * fps)
     background = _background(width, height, rng)
     shape = _shape(rng)
-    color = tuple(round(255 * c) for c in colorsys.hsv_to_rgb(rng.uniform(), 0.9, 1.0))
-    motion = _motion(label, width, height, num_frames / fps, rng)
+    # any hue, always brighter than the background: "where the shape is" is a simple feature
+    color = tuple(
+        round(255 * c) for c in colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.4, 0.7), 1)
+    )
+    motion = _motion(label, width, height, fps, num_frames / fps, rng)
     with av.open(path, "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
@@ -149,10 +130,9 @@ def _write_video(path: str, label: int, rng: np.random.Generator) -> None:
         stream.options = {"preset": "veryfast", "crf": "20", "x264-params": "mbtree=0"}
         for t in range(num_frames):
             cx, cy, angle, scale = motion(t / fps)
-            noisy = background + rng.integers(-6, 7, background.shape, dtype=np.int16)
-            image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+            image = Image.fromarray(background)
             points = _place(shape, cx, cy, angle, scale)
-            ImageDraw.Draw(image).polygon(points, fill=color, outline=(0, 0, 0), width=2)
+            ImageDraw.Draw(image).polygon(points, fill=color)
             pixels = np.asarray(
                 image
             )  # from_ndarray copies; from_image may not (frames are buffered)
@@ -161,19 +141,21 @@ def _write_video(path: str, label: int, rng: np.random.Generator) -> None:
 
 
 def _background(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
-    """Smooth colour blobs plus fixed fine texture (int16 so per-frame noise can be added)."""
+    """Smooth, muted colour blobs: a different still background for every video."""
     coarse = rng.integers(0, 256, (rng.integers(3, 7), rng.integers(3, 7), 3)).astype(np.uint8)
     smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), np.float32)
-    texture = rng.normal(0, 6, (height, width, 1))
-    # muted, so the shape (saturated fill, black outline) stands out as in real footage
-    return (0.45 * smooth + 70 + texture).astype(np.int16)
+    # dark, muted and still, so the moving shape (bright fill) is the signal
+    return np.clip(0.2 * smooth + 24, 0, 255).astype(np.uint8)
 
 
 def _shape(rng: np.random.Generator) -> np.ndarray:
     """An irregular polygon (unit radius): no rotational symmetry, so rotation sense is visible."""
     corners = int(rng.integers(3, 8))
-    angles = np.sort(rng.uniform(0, 2 * math.pi, corners))
-    radii = rng.uniform(0.55, 1.0, corners)
+    while True:  # corners all around the centre (gaps < 0.8π): no slivers
+        angles = np.sort(rng.uniform(0, 2 * math.pi, corners))
+        if np.diff(angles, append=angles[0] + 2 * math.pi).max() < 0.8 * math.pi:
+            break
+    radii = rng.uniform(0.45, 0.7, corners)
     radii[0] = 1.0  # one long spike marks the orientation
     return np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
 
@@ -185,10 +167,12 @@ def _place(shape: np.ndarray, cx: float, cy: float, angle: float, scale: float) 
     return [tuple(p) for p in points]
 
 
-def _motion(label: int, width: int, height: int, duration: float, rng: np.random.Generator):
+def _motion(
+    label: int, width: int, height: int, fps: int, duration: float, rng: np.random.Generator
+):
     """(cx, cy, angle, scale) as a function of time for the class's motion."""
     short = min(width, height)
-    size = short * rng.uniform(0.14, 0.2)
+    size = short * rng.uniform(0.2, 0.28)
     angle0 = rng.uniform(0, 2 * math.pi)
     # Every class is centred alike and drifts a little, so neither where the shape is nor
     # "something moves" tells the class.
@@ -198,7 +182,7 @@ def _motion(label: int, width: int, height: int, duration: float, rng: np.random
     name = CLASS_NAMES[label]
     if name in ("move_left", "move_right"):
         # cross most of the frame within the (short) video: a 1 s clip sees a clear shift
-        travel = rng.uniform(0.6, 0.75) * width - 2 * size
+        travel = rng.uniform(0.45, 0.6) * width  # the shape may leave the frame in part
         direction = -1 if name == "move_left" else 1
         return lambda t: (
             x0 + direction * travel * (t / duration - 0.5),
@@ -207,12 +191,13 @@ def _motion(label: int, width: int, height: int, duration: float, rng: np.random
             size,
         )
     if name in ("rotate_cw", "rotate_ccw"):
-        # Image y points down, so a growing angle turns clockwise on screen.
-        speed = math.radians(rng.uniform(120, 240)) * (1 if name == "rotate_cw" else -1)
+        # Image y points down, so a growing angle turns clockwise on screen. At most 8° per frame:
+        # clips take every 4th frame, and 32° steps can't be mistaken for a backward turn.
+        speed = math.radians(rng.uniform(4, 8) * fps) * (1 if name == "rotate_cw" else -1)
         return lambda t: (x0 + drift[0] * t, y0 + drift[1] * t, angle0 + speed * t, size)
     # Grow / shrink: scale by up to 3x over the video (faster in short ones), from small or large.
     rate = min(rng.uniform(0.35, 0.6), math.log(3.0) / duration)
-    small = short * rng.uniform(0.08, 0.12)
+    small = short * rng.uniform(0.1, 0.14)
     sign = 1 if name == "grow" else -1
     start = small if sign > 0 else small * math.exp(rate * duration)
     return lambda t: (

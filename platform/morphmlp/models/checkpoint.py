@@ -88,7 +88,7 @@ def load_checkpoint(
     A classifier of a different size (another class count) is left freshly initialised. Any
     other mismatch raises CheckpointError listing the keys, unless strict=False, which loads the
     tensors that fit and reports the rest. An image checkpoint goes into a video model only with
-    `inflate` ("center" or "mean", see `inflate_image_checkpoint`).
+    `inflate` ("center" or "mean", see `inflate_image_checkpoint`); a video checkpoint ignores it.
     """
     if isinstance(checkpoint, str):
         from morphmlp.data.storage import redact
@@ -100,13 +100,13 @@ def load_checkpoint(
         state = unwrap_state_dict(checkpoint, source)
     target = model.state_dict()
 
-    if inflate is not None:
+    if _is_image_state(state) and not _is_image_state(target):
+        if inflate is None:
+            raise CheckpointError(
+                f"{source}: holds an image model (2-D stem) but the model is a video model; "
+                f"inflate it: load_checkpoint(..., inflate='center' or 'mean')"
+            )
         state = inflate_image_checkpoint(state, model, mode=inflate)
-    elif _is_image_state(state) and not _is_image_state(target):
-        raise CheckpointError(
-            f"{source}: holds an image model (2-D stem) but the model is a video model; "
-            f"inflate it: load_checkpoint(..., inflate='center' or 'mean')"
-        )
 
     report = LoadReport(source=source)
     ckpt_head, model_head = state.get("head.weight"), target.get("head.weight")

@@ -251,6 +251,9 @@ class MorphMLP(nn.Module):
         self.norm = nn.LayerNorm(cfg.widths[-1])
         self.head = self._new_head(cfg.num_classes)
         self.apply(_init_weights)
+        for m in self.modules():
+            if isinstance(m, MorphFCt):
+                _init_temporal(m, cfg.temporal_init)
 
     def _new_head(self, num_classes: int) -> nn.Module:
         return nn.Linear(self.cfg.widths[-1], num_classes) if num_classes > 0 else nn.Identity()
@@ -306,7 +309,7 @@ class MorphMLP(nn.Module):
 
 def _init_weights(m: nn.Module) -> None:
     # The release's scheme: truncated normal for linear layers, unit/zero norms, torch's default
-    # for convs and batch norms; the temporal FC starts at zero so each block starts spatial-only.
+    # for convs and batch norms. The temporal FC is set afterwards by `_init_temporal`.
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
@@ -314,12 +317,18 @@ def _init_weights(m: nn.Module) -> None:
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
-    if isinstance(m, MorphFCt):
-        # mlp_t = 0 makes the branch output 0; proj weight = 1 (not 0) so gradients reach mlp_t.
+
+
+def _init_temporal(m: MorphFCt, mode: str) -> None:
+    # Either way the branch outputs 0 at first (see MorphMLPConfig.temporal_init for why two).
+    if mode == "release":  # mlp_t = 0, proj weight = 1
         nn.init.zeros_(m.mlp_t.weight)
-        if m.mlp_t.bias is not None:
-            nn.init.zeros_(m.mlp_t.bias)
         nn.init.ones_(m.proj.weight)
+    else:  # "zero_proj": mlp_t keeps its trunc-normal weights, proj = 0
+        nn.init.zeros_(m.proj.weight)
+    if m.mlp_t.bias is not None:
+        nn.init.zeros_(m.mlp_t.bias)
+    if m.proj.bias is not None:
         nn.init.zeros_(m.proj.bias)
 
 

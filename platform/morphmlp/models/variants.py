@@ -17,6 +17,7 @@ from morphmlp.errors import ConfigError
 # The stem halves time once (a stride-2 temporal conv) and space twice; each later stage halves
 # space once more. With kernel 3 and padding 1 a stride-2 conv maps n to ceil(n / 2).
 STEM_SPATIAL_STRIDES = 2
+TEMPORAL_INITS = ("release", "zero_proj")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,13 @@ class MorphMLPConfig:
     num_classes: int = 400
     drop_path_rate: float = 0.1
     bias: bool = True  # biases of the token/channel/temporal FCs (the release's QKV_BIAS)
+    # How MorphFC_t starts; both make it output zero, so each block starts spatial-only.
+    # "release": mlp_t = 0 and proj = 1, the release's choice for fine-tuning from image weights.
+    # Its output is uniform over channels and the LayerNorm after it removes that, so mlp_t gets
+    # no gradient (1e-10 measured, float noise) and the branch wakes only by chance: from scratch
+    # the demo sat at chance for 500+ steps. "zero_proj": mlp_t random (std 0.02), proj = 0,
+    # the usual zero-init residual branch, which gets gradients from the first step.
+    temporal_init: str = "release"
 
     def __post_init__(self) -> None:
         for field in ("depths", "widths", "chunk_lengths", "temporal_groups"):
@@ -114,6 +122,10 @@ def _validate(cfg: MorphMLPConfig) -> None:
                 f"{field}: {len(value)} values for {n} stages (depths={list(cfg.depths)}); "
                 f"give one per stage"
             )
+    if cfg.temporal_init not in TEMPORAL_INITS:
+        raise ConfigError(
+            f"temporal_init: {cfg.temporal_init!r}; choose one of {', '.join(TEMPORAL_INITS)}"
+        )
     _check_positive("depths", cfg.depths)
     _check_positive("widths", cfg.widths)
     _check_positive("chunk_lengths", cfg.chunk_lengths)
@@ -179,6 +191,7 @@ _VIDEO = {
         num_frames=8,
         img_size=112,
         drop_path_rate=0.0,
+        temporal_init="zero_proj",  # trained from scratch (the demo): see temporal_init
     ),
     "morphmlp_s": MorphMLPConfig(depths=(3, 4, 9, 3), drop_path_rate=0.1),
     "morphmlp_b": MorphMLPConfig(depths=(4, 6, 15, 4), drop_path_rate=0.3),

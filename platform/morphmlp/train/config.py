@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from morphmlp.config import ConfigError, from_dict, merge, to_dict
+from morphmlp.config import ConfigError, apply_overrides, from_dict, load_yaml, merge, to_dict
 from morphmlp.data.config import DataConfig
 
 RECIPES_DIR = os.path.join(os.path.dirname(__file__), "recipes")
@@ -105,6 +105,35 @@ class TrainJobConfig:
     @property
     def scaled_lr(self) -> float:
         return self.optim.lr * self.global_batch / self.optim.lr_reference_batch
+
+
+# The jobs' flags: flag -> (dotted config key, type, help). jobs/train.py takes them all,
+# jobs/tune.py those that make sense for every trial.
+FLAGS: dict[str, tuple[str, type, str]] = {
+    "variant": ("model.variant", str, "xs, s, b, or a variant YAML written by jobs/tune.py"),
+    "frames": ("model.num_frames", int, "input frames (default: the variant's)"),
+    "img_size": ("model.img_size", int, "input crop size (default: the variant's)"),
+    "pretrained": ("model.pretrained", str, "image or release checkpoint to start from"),
+    "dataset": ("dataset", str, "index URI (Parquet) or `demo`"),
+    "epochs": ("optim.epochs", int, "training epochs"),
+    "batch_size": ("optim.batch_size", int, "clips per worker per step"),
+    "lr": ("optim.lr", float, "learning rate at optim.lr_reference_batch (scaled with batch)"),
+    "workers": ("scaling.workers", int, "Ray Train workers (DDP ranks)"),
+    "gpus_per_worker": ("scaling.gpus_per_worker", float, "GPUs per worker (0: CPU, gloo)"),
+    "cpus_per_worker": ("scaling.cpus_per_worker", float, "CPUs reserved per worker"),
+    "storage": ("run.storage", str, "where runs go: a path or s3://bucket/prefix"),
+    "name": ("run.name", str, "run name (default: <variant>-<frames>x<size>-<dataset>)"),
+    "experiment": ("run.experiment", str, "MLflow experiment"),
+    "seed": ("run.seed", int, "random seed"),
+}
+
+
+def tree_from_cli(config: str | None, flags: dict[str, Any], sets: list[str]) -> dict[str, Any]:
+    """The user's config tree: the --config YAML, then the flags (by FLAGS name; None = not
+    given), then the --set KEY=VALUE overrides."""
+    tree = load_yaml(config) if config else {}
+    given = [f"{FLAGS[f][0]}={value}" for f, value in flags.items() if value is not None]
+    return apply_overrides(merge(tree, apply_overrides({}, given)), sets)
 
 
 def recipe_for(variant: str) -> dict[str, Any]:

@@ -65,7 +65,8 @@ def build_model(cfg: TrainJobConfig, num_classes: int) -> torch.nn.Module:
         architecture(cfg.model.variant, **{k: v for k, v in given.items() if v is not None})
     )
     if cfg.model.pretrained:
-        models.load_checkpoint(model, cfg.model.pretrained, strict=True)
+        # an image checkpoint is inflated (kernels at the middle frame); a video one loads as is
+        models.load_checkpoint(model, cfg.model.pretrained, strict=True, inflate="center")
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
@@ -98,6 +99,9 @@ def train_func(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, math.ceil(cfg.scaling.cpus_per_worker)))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
+    # The initial weights follow run.seed: a run can be reproduced, and trials of a search that
+    # differ only in hyperparameters start from the same network.
+    torch.manual_seed(cfg.run.seed)
     model = build_model(cfg, info.num_classes).to(device)
     optimizer = optim.build_optimizer(
         model, lr=cfg.scaled_lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas
@@ -138,6 +142,10 @@ class _Loop:
         self.warmup_steps = math.ceil(cfg.optim.warmup_epochs * info.steps_per_epoch)
         self.mean = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1, 1)
         self.std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1, 1)
+        # Validation views are deterministic: a shard that fits data.val_cache_mb is decoded once
+        # and kept (on the host), so later epochs skip the decode pool's start and work.
+        self.val_cache: list[dict[str, torch.Tensor]] | None = None
+        self.val_cache_fits = cfg.data.val_cache_mb > 0
 
     # -- the pieces of one step ------------------------------------------------------------
     def lr(self, step: int) -> float:
@@ -233,10 +241,11 @@ class _Loop:
             meter.time += time.perf_counter() - step_start
             step_start = time.perf_counter()
 
-            if progress.step % cfg.run.log_every_steps == 0:
+            epoch_end = progress.step % info.steps_per_epoch == 0
+            # also at each epoch's end, so that short epochs still get their step metrics
+            if progress.step % cfg.run.log_every_steps == 0 or epoch_end:
                 self.log_step(progress, meter)
                 meter = _Meter()
-            epoch_end = progress.step % info.steps_per_epoch == 0
             if epoch_end:
                 progress.epoch = progress.step // info.steps_per_epoch
                 stop = self.end_epoch(progress)
@@ -320,16 +329,11 @@ class _Loop:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        import ray.train
-
         self.net.eval()
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # n, top1, top5, loss
-        shard = ray.train.get_dataset_shard("val")
-        for batch in shard.iter_torch_batches(
-            batch_size=self.cfg.optim.batch_size, device=self.device, prefetch_batches=2
-        ):
-            x = transforms.normalize(batch["clip"], self.mean, self.std)
-            labels = batch["label"].long()
+        for batch in self._val_batches():
+            x = transforms.normalize(batch["clip"].to(self.device), self.mean, self.std)
+            labels = batch["label"].to(self.device).long()
             with self.autocast():
                 logits = self.net(x).float()
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -346,6 +350,26 @@ class _Loop:
             "val/loss": float(totals[3]) / n,
             "val/videos": float(totals[0]),
         }
+
+    def _val_batches(self):
+        if self.val_cache is not None:
+            yield from self.val_cache
+            return
+        import ray.train
+
+        budget, kept = self.cfg.data.val_cache_mb * 2**20, []
+        shard = ray.train.get_dataset_shard("val")
+        for batch in shard.iter_torch_batches(
+            batch_size=self.cfg.optim.batch_size, prefetch_batches=2
+        ):
+            if self.val_cache_fits:
+                kept.append(batch)
+                budget -= sum(t.numel() * t.element_size() for t in batch.values())
+                if budget < 0:
+                    self.val_cache_fits, kept = False, []
+            yield batch
+        if self.val_cache_fits:
+            self.val_cache = kept
 
     def bad_data_summary(self) -> dict[str, float]:
         if not self.info.bad_data_ledger:

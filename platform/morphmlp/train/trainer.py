@@ -12,7 +12,7 @@ import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from morphmlp import tracking
 from morphmlp.config import ConfigError, flatten, to_dict
@@ -21,6 +21,9 @@ from morphmlp.errors import MorphMLPError
 from morphmlp.train.checkpoint import PROGRESS_FILE, Progress
 from morphmlp.train.config import TrainJobConfig, default_run_name, steps_per_epoch
 from morphmlp.train.loop import RunInfo, build_model, train_func
+
+if TYPE_CHECKING:
+    from morphmlp.data.config import DataConfig as DataSettings
 
 log = logging.getLogger("morphmlp.train")
 
@@ -44,6 +47,7 @@ def connect_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS")
+    _check_reachable(target)
     try:
         ray.init(address=target, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as err:
@@ -161,7 +165,7 @@ def run_training(
             ),
             # positions must reach the workers in order ("samples consumed" is then a position);
             # Train replaces each dataset's own execution options with these
-            dataset_config=DataConfig(execution_options={"train": _ordered_ingest()}),
+            dataset_config=DataConfig(execution_options={"train": _train_ingest(cfg.data)}),
             datasets={
                 # a factory: Ray Train calls it on every (re)start of the worker group, so the
                 # sample schedule restarts at the latest checkpoint's position
@@ -178,12 +182,30 @@ def run_training(
     return outcome
 
 
-def _ordered_ingest():
+def _train_ingest(data: DataSettings):
+    from ray.data import ExecutionResources
     from ray.train import DataConfig
 
     options = DataConfig.default_ingest_options()
-    options.preserve_order = True
+    options.preserve_order = True  # positions in order: "consumed so far" is one number
+    # The training pool streams for the whole run; without a reserve it can grow into every CPU
+    # left and the validation pool, started each epoch, then waits forever for one.
+    reserve = ExecutionResources(cpu=data.decode_actors[0] * data.cpus_per_decode_actor)
+    options.exclude_resources = options.exclude_resources.add(reserve)
     return options
+
+
+def _check_reachable(address: str | None) -> None:
+    """ray.init retries an unreachable GCS for minutes; a TCP probe answers in seconds."""
+    import socket
+
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as err:
+        raise ClusterError(f"can't connect to the Ray cluster at {address}: {err}") from err
 
 
 class TrainDatasetFactory:
