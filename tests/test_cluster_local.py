@@ -196,9 +196,9 @@ def test_local_cluster_token_auth_and_clean_shutdown(tmp_path, s3_bucket, tiny_d
         assert len(_get_json(f"{dashboard}/api/jobs/", token)) == 1
 
         # MLflow keeps artifacts where MLFLOW_ARTIFACTS_DESTINATION says (S3 here), proxied.
-        mlflow.set_tracking_uri(mlflow_uri)
-        with mlflow.start_run() as run:
-            mlflow.log_text("hello", "note.txt")
+        client = mlflow.MlflowClient(mlflow_uri)  # not the process-wide URI: other tests run here
+        run = client.create_run(client.get_experiment_by_name("Default").experiment_id)
+        client.log_text(run.info.run_id, "hello", "note.txt")
         bucket, prefix = artifacts.removeprefix("s3://").split("/", 1)
         keys = [
             obj["Key"]

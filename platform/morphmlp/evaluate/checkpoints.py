@@ -139,7 +139,10 @@ def _load_model_version(version: str, uri: str | None) -> dict:
             f"model version {tracking.REGISTERED_MODEL} v{version} is not registered; "
             f"registered versions: {', '.join(known) or 'none'}"
         ) from err
-    loaded = _download(model_version_uri(version), f"{tracking.REGISTERED_MODEL} v{version}", uri)
+    # The version's own source, not models:/...: MLflow resolves those through its process-wide
+    # registry URI, which may name another server than `uri`.
+    source = client.get_model_version_download_uri(tracking.REGISTERED_MODEL, version)
+    loaded = _download(source, f"{tracking.REGISTERED_MODEL} v{version}", uri)
     loaded.update(model_version=version, run_id=mv.run_id, version_tags=dict(mv.tags))
     return loaded
 
