@@ -14,9 +14,7 @@ loaded strictly into the network they claim to be.
 
 from __future__ import annotations
 
-import io
 import os
-import pickle
 import re
 import tempfile
 from collections.abc import Mapping
@@ -30,7 +28,7 @@ from morphmlp.config import from_dict
 from morphmlp.data import storage
 from morphmlp.errors import ConfigError, MorphMLPError
 from morphmlp.models import MorphMLPConfig, build_model, load_checkpoint, variant_config
-from morphmlp.models.checkpoint import CheckpointError, unwrap_state_dict
+from morphmlp.models.checkpoint import CheckpointError, torch_load, unwrap_state_dict
 
 MODEL_FILE = "model.pt"
 BEST_ARTIFACT = "checkpoints/best"
@@ -183,12 +181,7 @@ def _download(artifact_uri: str, what: str, uri: str | None) -> dict:
 
 
 def _from_bytes(data: bytes, source: str) -> dict:
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise CheckpointError(
-            f"{source}: not a readable weights-only torch checkpoint ({err})"
-        ) from err
+    obj = torch_load(data, source)
     meta = obj if isinstance(obj, Mapping) else {}
     return {
         "reference": source,

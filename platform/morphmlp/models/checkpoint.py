@@ -49,14 +49,18 @@ def read_state_dict(uri: str) -> dict[str, Tensor]:
     """The model weights in a checkpoint file, unwrapped and without DDP's `module.` prefix."""
     from morphmlp.data import storage  # pyarrow loads only when a file is read
 
-    data = storage.read_bytes(uri)
+    source = storage.redact(uri)
+    return unwrap_state_dict(torch_load(storage.read_bytes(uri), source), source=source)
+
+
+def torch_load(data: bytes, source: str) -> object:
+    """A checkpoint file's object, loaded weights-only (no code runs) onto the CPU."""
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
         raise CheckpointError(
-            f"{storage.redact(uri)}: not a readable weights-only torch checkpoint ({err})"
+            f"{source}: not a readable weights-only torch checkpoint ({err})"
         ) from err
-    return unwrap_state_dict(obj, source=storage.redact(uri))
 
 
 def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, Tensor]:
