@@ -58,23 +58,17 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
 
 
 def git_commit() -> str:
+    """The checkout's commit, with -dirty when tracked files changed; "unknown" outside git."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=here)
+
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        )
+        out = git("rev-parse", "--short=12", "HEAD")
         if out.returncode == 0:
-            return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+            dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
     return "unknown"
