@@ -4,6 +4,7 @@ S3 bucket served by moto on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -221,7 +222,15 @@ def test_worker_and_driver_failures_resume_from_s3_checkpoints(
             "a checkpoint after the restart",
             first,
         )
-        os.killpg(first.pid, signal.SIGKILL)  # the driver (and its local Ray) dies
+        # The driver and its whole local Ray die at once. Ray's daemons and workers run in
+        # sessions of their own, so kill every descendant and wait: a surviving worker or
+        # controller would commit one more checkpoint after we read where the run stopped.
+        ray_procs = psutil.Process(first.pid).children(recursive=True)
+        os.killpg(first.pid, signal.SIGKILL)
+        for p in ray_procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(ray_procs, timeout=30)
         first.wait(30)
     finally:
         if first.poll() is None:
@@ -238,7 +247,11 @@ def test_worker_and_driver_failures_resume_from_s3_checkpoints(
         cmd, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=400
     )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert f"Resuming run {name} from step {stopped_at.step}/18" in second.stdout + second.stderr
+    resumed_from = re.search(
+        rf"Resuming run {name} from step (\d+)/18", second.stdout + second.stderr
+    )
+    assert resumed_from, second.stdout[-3000:] + second.stderr[-3000:]
+    assert int(resumed_from.group(1)) == stopped_at.step
     done = latest_progress(f"{storage}/{name}")
     assert (done.step, done.epoch, done.position) == (18, 3, 18 * batch)
 
