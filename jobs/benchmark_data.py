@@ -29,6 +29,8 @@ import av
 import numpy as np
 import torch
 
+from morphmlp.data.config import DataConfig
+
 VIDEOS = {  # name -> (codec, width, height)
     "h264-320p": ("h264", 568, 320),
     "h264-720p": ("h264", 1280, 720),
@@ -50,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pipeline-clips", type=int, default=48, help="clips per pipeline run")
     parser.add_argument("--seconds", type=float, default=12.0, help="length of the test videos")
     parser.add_argument("--workdir", help="where the test videos go (default: a temp folder)")
+    parser.add_argument(
+        "--decode-batch-size",
+        type=int,
+        default=DataConfig.decode_batch_size,
+        help="clips per decode call (data.decode_batch_size; pipeline and memory)",
+    )
     return parser.parse_args(argv)
 
 
@@ -85,7 +93,6 @@ def per_core(paths: dict[str, str], clips: int) -> None:
     from torchvision.transforms.v2 import functional as F
 
     from morphmlp.data.augment import train_augment
-    from morphmlp.data.config import DataConfig
     from morphmlp.data.decode import decode_frames, probe_video
     from morphmlp.data.sampling import clip_indices
 
@@ -126,13 +133,12 @@ def per_core(paths: dict[str, str], clips: int) -> None:
         )
 
 
-def pipeline(paths: dict[str, str], clips: int, cpus: int) -> dict:
+def pipeline(paths: dict[str, str], clips: int, cpus: int, decode_batch_size: int) -> dict:
     """Steady-state clips/s of build_train_dataset on `cpus` Ray CPUs, and actor memory."""
     import psutil
     import pyarrow as pa
     import ray
 
-    from morphmlp.data.config import DataConfig
     from morphmlp.data.decode import probe_video
     from morphmlp.data.index import VideoIndex
     from morphmlp.data.pipeline import build_train_dataset
@@ -143,7 +149,11 @@ def pipeline(paths: dict[str, str], clips: int, cpus: int) -> dict:
         for i, u in enumerate(uris)
     ]
     index = VideoIndex(pa.Table.from_pylist(rows), ["a", "b"])
-    cfg = DataConfig(decode_actors=(cpus, cpus), cpus_per_decode_actor=1.0)
+    cfg = DataConfig(
+        decode_actors=(cpus, cpus),
+        cpus_per_decode_actor=1.0,
+        decode_batch_size=decode_batch_size,
+    )
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -210,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             per_core(paths, args.clips)
         if "pipeline" in args.parts or "memory" in args.parts:
             print("Ray Data pipeline, steady state:", flush=True)
-            one = pipeline(paths, args.pipeline_clips, 1)
-            two = pipeline(paths, args.pipeline_clips, 2)
+            one = pipeline(paths, args.pipeline_clips, 1, args.decode_batch_size)
+            two = pipeline(paths, args.pipeline_clips, 2, args.decode_batch_size)
             print(f"  2 CPUs / 1 CPU: {two['clips_per_s'] / one['clips_per_s']:.2f}x", flush=True)
     load = os.getloadavg()
     print(f"load average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
