@@ -222,8 +222,8 @@ def test_worker_and_driver_failures_resume_from_s3_checkpoints(
             "a checkpoint after the restart",
             first,
         )
-        # The driver and its whole local Ray die at once. Ray's daemons and workers run in
-        # sessions of their own, so kill every descendant and wait: a surviving worker or
+        # The driver and its whole local Ray die at once: Ray's processes need not share the
+        # driver's process group, so kill every descendant and wait. A surviving worker or
         # controller would commit one more checkpoint after we read where the run stopped.
         ray_procs = psutil.Process(first.pid).children(recursive=True)
         os.killpg(first.pid, signal.SIGKILL)
@@ -251,7 +251,7 @@ def test_worker_and_driver_failures_resume_from_s3_checkpoints(
         rf"Resuming run {name} from step (\d+)/18", second.stdout + second.stderr
     )
     assert resumed_from, second.stdout[-3000:] + second.stderr[-3000:]
-    assert int(resumed_from.group(1)) == stopped_at.step
+    assert int(resumed_from.group(1)) == stopped_at.step, resumed_from.group(0)
     done = latest_progress(f"{storage}/{name}")
     assert (done.step, done.epoch, done.position) == (18, 3, 18 * batch)
 
