@@ -2,6 +2,8 @@
 exact resume, determinism by seed, bad data replaced and reported, multi-view evaluation, index
 and videos on moto's S3 server, and a trainer holding most CPUs."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -221,3 +223,27 @@ def test_keeps_feeding_batches_when_a_trainer_holds_most_cpus(ray_session, video
     assert clips.dtype == torch.uint8 and clips.shape == (2, 4, 32, 32, 3)
     x = normalize(clips, cfg.mean, cfg.std)
     assert x.shape == (2, 3, 4, 32, 32)
+
+
+def test_decode_actors_leave_triton_out(ray_session, videos):
+    """torchvision imports torch._dynamo, which loads triton (~75 MiB resident) when installed;
+    the decode actors, which never compile, run without it."""
+    import importlib.util
+
+    import psutil
+
+    # Installed here (torch's CUDA wheel brings it), so the actors leave it out by design.
+    assert importlib.util.find_spec("triton") is not None
+    index = _index([videos["h264"], videos["vp9"]], [0, 1], ["x", "y"])
+    cfg = DataConfig(**{**PLAIN, "rand_augment": "rand-m7-n4-mstd0.5-inc1"})
+    ds = build_train_dataset(index, cfg, seed=0, num_epochs=3, samples_per_epoch=2)
+    batch = next(iter(ds.iter_batches(batch_size=2)))  # the actors are up and working
+    assert batch["clip"].shape == (2, 4, 32, 32, 3)  # RandAugment ran without triton
+    actors = {
+        proc.pid: Path(f"/proc/{proc.pid}/maps").read_text()
+        for proc in psutil.process_iter(["cmdline"])
+        if (proc.info["cmdline"] or [""])[0].startswith("ray::MapWorker(MapBatches(TrainClips")
+    }
+    assert actors, "no decode actor process found"
+    for pid, maps in actors.items():
+        assert "torch" in maps and "libtriton" not in maps, f"decode actor {pid}"

@@ -32,6 +32,7 @@ import ray
 import torch
 from ray.data.block import BlockMetadata
 
+from morphmlp import DECODE_ACTOR_ENV
 from morphmlp.data.augment import train_augment, uniform_crops
 from morphmlp.data.config import DataConfig
 from morphmlp.data.decode import decode_frames
@@ -322,4 +323,5 @@ def _decode_options(cfg: DataConfig) -> dict:
         "batch_format": "numpy",
         "compute": ray.data.ActorPoolStrategy(min_size=low, max_size=high),
         "num_cpus": cfg.cpus_per_decode_actor,
+        "runtime_env": {"env_vars": {DECODE_ACTOR_ENV: "1"}},
     }

@@ -7,7 +7,6 @@ GMACs = FLOPs / 2 from torch's FlopCounterMode, which counts the matmuls and con
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from morphmlp.models.morphmlp import MorphMLP, build_model
 from morphmlp.models.variants import MorphMLPConfig
@@ -26,6 +25,10 @@ def forward_flops(model_or_cfg: MorphMLP | MorphMLPConfig, batch_size: int = 1) 
     with torch.device("meta"):
         model = build_model(cfg).eval()
         x = torch.empty(batch_size, *input_shape(cfg))
+    # Imported here: torch's flop counter loads triton, which `import morphmlp` (decode actors
+    # included) has no use for.
+    from torch.utils.flop_counter import FlopCounterMode
+
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(x)
