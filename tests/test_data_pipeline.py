@@ -237,13 +237,16 @@ def test_decode_actors_leave_triton_out(ray_session, videos):
     index = _index([videos["h264"], videos["vp9"]], [0, 1], ["x", "y"])
     cfg = DataConfig(**{**PLAIN, "rand_augment": "rand-m7-n4-mstd0.5-inc1"})
     ds = build_train_dataset(index, cfg, seed=0, num_epochs=3, samples_per_epoch=2)
-    batch = next(iter(ds.iter_batches(batch_size=2)))  # the actors are up and working
+    batches = iter(ds.iter_batches(batch_size=2))  # held open so its actors stay alive
+    batch = next(batches)
     assert batch["clip"].shape == (2, 4, 32, 32, 3)  # RandAugment ran without triton
-    actors = {
-        proc.pid: Path(f"/proc/{proc.pid}/maps").read_text()
-        for proc in psutil.process_iter(["cmdline"])
-        if (proc.info["cmdline"] or [""])[0].startswith("ray::MapWorker(MapBatches(TrainClips")
-    }
+    actors = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        if (proc.info["cmdline"] or [""])[0].startswith("ray::MapWorker(MapBatches(TrainClips"):
+            try:
+                actors[proc.pid] = Path(f"/proc/{proc.pid}/maps").read_text()
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # an earlier test's actor exiting while we look
     assert actors, "no decode actor process found"
     for pid, maps in actors.items():
         assert "torch" in maps and "libtriton" not in maps, f"decode actor {pid}"
