@@ -4,6 +4,7 @@ generated once (atomically) into the cache."""
 import hashlib
 import os
 
+import numpy as np
 import pytest
 
 from morphmlp.data.decode import decode_frames
@@ -68,6 +69,21 @@ def test_demo_recipe_relabels_flips():
     assert names == {
         "move_left": "move_right",
         "move_right": "move_left",
-        "rotate_cw": "rotate_ccw",
-        "rotate_ccw": "rotate_cw",
     }
+
+
+def test_each_class_moves_as_named(small_demo):
+    """The bright shape's centre moves the named way (left/right along x, up/down along y) and
+    grow/shrink change its area: a swapped label or axis would fail."""
+    moves = {"move_left": (-1, 0), "move_right": (1, 0), "move_up": (0, -1), "move_down": (0, 1)}
+    for row in read_index(small_demo).split("train").table.to_pylist():
+        name = CLASS_NAMES[row["label"]]
+        frames = decode_frames(row["uri"], [0, row["num_frames"] - 1])
+        shape = [np.nonzero(f.max(axis=2) > 150) for f in frames]  # the backgrounds are dim
+        if name in moves:
+            (y0, x0), (y1, x1) = ((ys.mean(), xs.mean()) for ys, xs in shape)
+            shift = np.array([x1 - x0, y1 - y0]) / min(row["width"], row["height"])
+            assert (np.sign(shift.round(1)) == moves[name]).all(), (row["uri"], name, shift)
+        else:
+            a0, a1 = (len(ys) for ys, _ in shape)
+            assert (a1 > 1.5 * a0) == (name == "grow") and (a0 > 1.5 * a1) == (name == "shrink")

@@ -2,6 +2,7 @@
 exact resume, determinism by seed, bad data replaced and reported, multi-view evaluation, index
 and videos on moto's S3 server, and a trainer holding most CPUs."""
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -243,10 +244,9 @@ def test_decode_actors_leave_triton_out(ray_session, videos):
     actors = {}
     for proc in psutil.process_iter(["cmdline"]):
         if (proc.info["cmdline"] or [""])[0].startswith("ray::MapWorker(MapBatches(TrainClips"):
-            try:
+            # an earlier test's actor may exit while we look
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
                 actors[proc.pid] = Path(f"/proc/{proc.pid}/maps").read_text()
-            except (FileNotFoundError, ProcessLookupError):
-                pass  # an earlier test's actor exiting while we look
     assert actors, "no decode actor process found"
     for pid, maps in actors.items():
         assert "torch" in maps and "libtriton" not in maps, f"decode actor {pid}"

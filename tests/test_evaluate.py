@@ -46,8 +46,8 @@ from morphmlp.train.checkpoint import export_model
 from morphmlp.train.config import resolve_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The demo classes under another vocabulary: rotate_* renamed, so 4 of 6 names are shared.
-RENAMED = ["move_left", "move_right", "spin_right", "spin_left", "grow", "shrink"]
+# The demo classes under another vocabulary: move_up/down renamed, so 4 of 6 names are shared.
+RENAMED = ["move_left", "move_right", "rise", "fall", "grow", "shrink"]
 UNRELATED = ["ant", "bee", "cat", "dog", "eel", "fox"]
 
 
@@ -196,8 +196,8 @@ def test_catalog_errors_name_the_problem(bench_index, tmp_path):
 def test_label_spaces_match_by_class_name():
     full = match_labels(CLASS_NAMES, 6, [n.upper().replace("_", " ") for n in CLASS_NAMES])
     assert full.overlap == "full" and full.model_outputs == tuple(range(6))
-    # The benchmark orders its classes differently and lacks the rotations: outputs follow names.
-    bench = ["shrink", "grow", "spin_right", "move_left"]
+    # The benchmark orders its classes differently and lacks up/down: outputs follow names.
+    bench = ["shrink", "grow", "rise", "move_left"]
     partial = match_labels(CLASS_NAMES, 6, bench)
     assert partial.overlap == "partial"
     assert partial.benchmark_labels == (0, 1, 3)
