@@ -191,13 +191,19 @@ def s3_bucket(s3_server) -> str:
 
 @pytest.fixture(scope="session")
 def ray_session(s3_server):
-    """One local Ray for the session (4 logical CPUs on the 2-core machine); started after the
-    S3 environment is set so its workers inherit it."""
+    """One local Ray for the session (4 logical CPUs on the 2-core machine, and one unit of the
+    cluster configs' custom "decode" resource); started after the S3 environment is set so its
+    workers inherit it."""
     import ray
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=4, include_dashboard=False, object_store_memory=512 * 1024**2)
+        ray.init(
+            num_cpus=4,
+            resources={"decode": 1},
+            include_dashboard=False,
+            object_store_memory=512 * 1024**2,
+        )
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     if started:

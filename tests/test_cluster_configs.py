@@ -238,6 +238,26 @@ def test_names_labels_and_selectors_agree():
         assert all(rule["from"] == [{"podSelector": {}}] for rule in policy["spec"]["ingress"])
 
 
+def test_train_rayjob_config_resolves_and_asks_for_a_resource_the_cluster_offers():
+    import importlib.util
+
+    from morphmlp.train.config import resolve_config
+
+    spec = importlib.util.spec_from_file_location("train_job", REPO / "jobs" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+
+    (job,) = of_kind("RayJob")
+    words = shlex.split(job["spec"]["entrypoint"])
+    cfg = resolve_config(train.config_tree(train.parse_args(words[2:])))  # raises if invalid
+    assert cfg.data.decode_resource is not None
+    (cluster,) = of_kind("RayCluster")
+    offered = {
+        name for group in cluster["spec"]["workerGroupSpecs"] for name in group.get("resources", {})
+    }
+    assert cfg.data.decode_resource in offered, offered
+
+
 def test_resources_are_requested_and_gpu_groups_ask_for_gpus():
     for where, container in containers():
         for part in ("requests", "limits"):

@@ -33,8 +33,11 @@ DOWN = REPO / "cluster" / "local" / "down.sh"
 VENV_BIN = Path(sys.executable).parent
 
 # The job submitted with the token, run from the repository root with `--working-dir .`: the
-# training job on a few demo videos, for one epoch.
-TRAIN_ARGS = "--variant xs --epochs 1 --batch-size 4 --cpus-per-worker 0.5"
+# training job on a few demo videos, for one epoch, its decode actors asking for the "decode"
+# resource that up.sh gives the worker nodes (as the cluster configs do).
+TRAIN_ARGS = (
+    "--variant xs --epochs 1 --batch-size 4 --cpus-per-worker 0.5 --set data.decode_resource=decode"
+)
 HEAD_CPUS, WORKERS, WORKER_CPUS = 1, 1, 1
 
 

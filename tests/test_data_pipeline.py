@@ -3,6 +3,8 @@ exact resume, determinism by seed, bad data replaced and reported, multi-view ev
 and videos on moto's S3 server, and a trainer holding most CPUs."""
 
 import contextlib
+import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +226,31 @@ def test_keeps_feeding_batches_when_a_trainer_holds_most_cpus(ray_session, video
     assert clips.dtype == torch.uint8 and clips.shape == (2, 4, 32, 32, 3)
     x = normalize(clips, cfg.mean, cfg.std)
     assert x.shape == (2, 3, 4, 32, 32)
+
+
+def test_decode_actors_take_the_decode_resource(ray_session, videos, caplog):
+    ray = ray_session
+    index = _index([videos["h264"], videos["vp9"]], [0, 1], ["x", "y"])
+    assert ray.cluster_resources()["decode"] == 1
+    cfg = DataConfig(
+        **{**PLAIN, "decode_actors": (2, 2), "cpus_per_decode_actor": 0.5},
+        decode_resource="decode",
+    )
+    ds = build_train_dataset(index, cfg, seed=0, num_epochs=4, samples_per_epoch=2)
+    batches = iter(ds.iter_batches(batch_size=2))  # held open so its actors stay alive
+    assert next(batches)["clip"].shape == (2, 4, 32, 32, 3)
+    # Two actors at half a decode unit each hold the whole unit (the view lags a little).
+    deadline = time.monotonic() + 20
+    while ray.available_resources().get("decode", 0.0) > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("decode", 0.0) == 0
+    del batches, ds
+
+    # A resource no node offers is not an error (an autoscaler may add the nodes), but it warns.
+    missing = DataConfig(**PLAIN, decode_resource="gpu-node-decode")
+    with caplog.at_level(logging.WARNING, logger="morphmlp.data.pipeline"):
+        build_train_dataset(index, missing, seed=0, num_epochs=1, samples_per_epoch=2)
+    assert "'gpu-node-decode': no node offers it yet" in caplog.text
 
 
 def test_decode_actors_leave_triton_out(ray_session, videos):

@@ -16,6 +16,8 @@ from morphmlp.errors import ConfigError
 
 # timm's RandAugment string: rand-m<magnitude>-n<num ops>-mstd<magnitude std>-inc<0|1>.
 RAND_AUGMENT_PATTERN = re.compile(r"^rand(-m\d+(\.\d+)?|-n\d+|-mstd\d+(\.\d+)?|-inc[01])*$")
+# Resources Ray defines itself; data.decode_resource must be a custom one.
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 
 @dataclass
@@ -49,6 +51,10 @@ class DataConfig:
     decode_threads: int = 1  # per decode actor (PyAV thread_type AUTO); 0 = FFmpeg's choice
     decode_actors: tuple[int, int] = (1, 8)  # ActorPoolStrategy min/max size
     cpus_per_decode_actor: float = 1.0  # fractional: Train workers' CPUs come out of Data's budget
+    # A custom Ray resource each decode actor also asks for (cpus_per_decode_actor units), to keep
+    # decoding on the cores a cluster sets aside for it: the configs in cluster/ name it "decode".
+    # None: CPUs only, so actors go to any node with free CPUs (a local Ray has no "decode").
+    decode_resource: str | None = None
     decode_batch_size: int = 4  # clips per decode call: small keeps every actor busy
     max_bad_fraction: float = 0.01
     # Training's per-epoch validation: a worker keeps its decoded views (deterministic) when they
@@ -122,6 +128,16 @@ class DataConfig:
         if not self.cpus_per_decode_actor > 0:
             raise ConfigError(
                 f"data.cpus_per_decode_actor: {self.cpus_per_decode_actor!r}; must be > 0"
+            )
+        if self.decode_resource is not None and (
+            not isinstance(self.decode_resource, str)
+            or not self.decode_resource
+            or self.decode_resource in RAY_BUILTIN_RESOURCES
+        ):
+            raise ConfigError(
+                f"data.decode_resource: {self.decode_resource!r}; must be the name of a custom Ray "
+                f"resource (the cluster configs use 'decode'), not one of "
+                f"{', '.join(RAY_BUILTIN_RESOURCES)}, or null for CPUs only"
             )
         if self.val_cache_mb < 0:
             raise ConfigError(f"data.val_cache_mb: {self.val_cache_mb!r}; must be >= 0")

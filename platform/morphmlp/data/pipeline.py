@@ -318,10 +318,23 @@ def _put_table(index: VideoIndex) -> ray.ObjectRef:
 
 def _decode_options(cfg: DataConfig) -> dict:
     low, high = cfg.decode_actors
-    return {
+    options = {
         "batch_size": cfg.decode_batch_size,
         "batch_format": "numpy",
         "compute": ray.data.ActorPoolStrategy(min_size=low, max_size=high),
         "num_cpus": cfg.cpus_per_decode_actor,
         "runtime_env": {"env_vars": {DECODE_ACTOR_ENV: "1"}},
     }
+    if cfg.decode_resource is not None:
+        # One unit per decode CPU: the cluster configs give each node as many units as the cores
+        # decoding may take there, so actors keep off the Train workers' cores.
+        options["resources"] = {cfg.decode_resource: cfg.cpus_per_decode_actor}
+        if cfg.decode_resource not in ray.cluster_resources():
+            # Not an error: an autoscaler may still be bringing the decode nodes up.
+            log.warning(
+                "data.decode_resource %r: no node offers it yet; decode actors wait until one "
+                "joins (cluster resources now: %s)",
+                cfg.decode_resource,
+                sorted(ray.cluster_resources()),
+            )
+    return options

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 from morphmlp import tracking
@@ -170,8 +170,15 @@ def run_training(
                 # a factory: Ray Train calls it on every (re)start of the worker group, so the
                 # sample schedule restarts at the latest checkpoint's position
                 "train": TrainDatasetFactory(prep, ledger.name),
+                # CPUs only: the training pool may hold every unit of data.decode_resource for
+                # the whole run (Ray Data can't reserve custom resources), while _train_ingest's
+                # CPU reserve keeps room for this pool
                 "val": build_eval_dataset(
-                    prep.val_index, cfg.data, num_clips=1, num_crops=1, ledger=ledger
+                    prep.val_index,
+                    replace(cfg.data, decode_resource=None),
+                    num_clips=1,
+                    num_crops=1,
+                    ledger=ledger,
                 ),
             },
         )
