@@ -70,7 +70,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DataConfig.decode_batch_size,
         help="clips per decode call (data.decode_batch_size; pipeline and memory)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.clips < 1:
+        parser.error(f"--clips {args.clips}: at least 1")
+    if not args.pipeline_seconds > 0 or args.pipeline_warmup < 0:
+        parser.error(
+            f"--pipeline-seconds {args.pipeline_seconds} must be > 0 and --pipeline-warmup "
+            f"{args.pipeline_warmup} >= 0"
+        )
+    return args
 
 
 def make_videos(folder: str, seconds: float) -> dict[str, str]:

@@ -4,15 +4,16 @@
     python jobs/benchmark_model.py --variants xs --batch-size 8 --threads 2
     python jobs/benchmark_model.py --device cuda           # bf16 autocast, eager and compiled
 
-CPU runs are fp32 eager. Throughput is batch size / fastest of the timed steps. On CUDA each variant runs with bf16 autocast, eager and under
-torch.compile, and the table adds the training step's MFU: achieved FLOP/s / peak bf16 FLOP/s,
-where a step's FLOPs are 3 x the forward FLOPs counted by torch's FlopCounterMode (backward
-costs about twice the forward) and the peak comes from --peak-tflops or the table below.
+CPU runs are fp32 eager. Throughput is batch size / fastest of the timed steps. On CUDA each
+variant runs with bf16 autocast, eager and under torch.compile, and the table adds the training
+step's MFU: achieved FLOP/s / peak bf16 FLOP/s, where a step's FLOPs are 3 x the forward FLOPs
+counted by torch's FlopCounterMode (backward costs about twice the forward) and the peak comes
+from --peak-tflops or the table below.
 
 Each measurement runs in a fresh child process, so peak memory is that measurement's own: on
 CUDA torch's max_memory_allocated, on CPU (Linux) the peak resident size during the steps minus
-the resident size of the built model and its input. Needs only torch (no Ray): the package is imported inside the functions, from
-platform/ when it is not installed. Prints a Markdown table.
+the resident size of the built model and its input. Needs only torch (no Ray): the package is
+imported inside the functions, from platform/ when it is not installed. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -142,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s for MFU")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.iters is not None and args.iters < 1:
+        parser.error(f"--iters {args.iters}: at least 1 timed step")
+    if args.warmup is not None and args.warmup < 0:
+        parser.error(f"--warmup {args.warmup}: must be >= 0")
     if args.child:
         print(json.dumps(measure(json.loads(args.child))))
         return 0
@@ -187,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                     "mode": mode,
                     "bf16": bf16,
                     "compile": compiled,
-                    "iters": args.iters or (20 if cuda else 5),
-                    "warmup": args.warmup or (5 if cuda else 2),
+                    "iters": args.iters if args.iters is not None else (20 if cuda else 5),
+                    "warmup": args.warmup if args.warmup is not None else (5 if cuda else 2),
                 }
                 result[mode] = _child(case)
             row = [
