@@ -275,3 +275,13 @@ def test_worker_and_driver_failures_resume_from_s3_checkpoints(
 
     listing = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=f"runs/{name}/final/")
     assert [o["Key"] for o in listing["Contents"]] == [f"runs/{name}/final/model.pt"]
+
+
+def test_a_cut_off_ray_snapshot_is_reported_by_name(tmp_path):
+    from morphmlp.errors import StorageError
+    from morphmlp.train.trainer import RAY_SNAPSHOT_FILE, latest_progress
+
+    assert latest_progress(str(tmp_path)) is None  # no snapshot: a fresh run
+    (tmp_path / RAY_SNAPSHOT_FILE).write_text('{"ray_version": "2.60.0", "checkpoint_res')
+    with pytest.raises(StorageError, match=rf"{tmp_path}/{RAY_SNAPSHOT_FILE} can't be read"):
+        latest_progress(str(tmp_path))

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 from morphmlp import tracking
 from morphmlp.config import ConfigError, flatten, to_dict
 from morphmlp.data import storage
-from morphmlp.errors import MorphMLPError
+from morphmlp.errors import MorphMLPError, StorageError
 from morphmlp.train.checkpoint import PROGRESS_FILE, Progress
 from morphmlp.train.config import TrainJobConfig, default_run_name, steps_per_epoch
 from morphmlp.train.loop import RunInfo, build_model, train_func
@@ -242,6 +242,10 @@ class TrainDatasetFactory:
         )
 
 
+# Ray Train V2's record of a run's checkpoints, in the run folder.
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+
+
 def latest_progress(run_dir: str) -> Progress | None:
     """Progress recorded in the latest checkpoint Ray Train registered for this run, if any."""
     import ray.train
@@ -250,6 +254,13 @@ def latest_progress(run_dir: str) -> Progress | None:
         result = ray.train.Result.from_path(run_dir)
     except (RuntimeError, FileNotFoundError):
         return None  # no snapshot: nothing was ever checkpointed
+    except Exception as err:  # Ray's error for a snapshot it can't parse is internal
+        raise StorageError(
+            f"{run_dir}/{RAY_SNAPSHOT_FILE} can't be read ({err}). Ray Train rewrites it in place "
+            "after every checkpoint, so a crash during that write can cut it short. The "
+            "checkpoint folders beside it are intact. Move the file aside to start this run "
+            "over, or pass --name to start a new run."
+        ) from err
     if result.checkpoint is None:
         return None
     fs, path = result.checkpoint.filesystem, result.checkpoint.path
