@@ -13,8 +13,8 @@
    batch). Target: >= 1.8x. Each run pins this process, and so the Ray processes it starts, to
    that many cores: otherwise the 1-core run's driver, raylet and object store borrow the second
    core, and the comparison is no longer 1 core against 2.
-3. memory: RSS, USS and PSS of a decode actor while it works (torch maps large shared libraries,
-   so RSS overstates what an actor costs; USS is its own memory). Target: RSS < 1 GB.
+3. memory: RSS, USS and PSS of a decode actor while it works (RSS counts shared libraries and the
+   object-store pages the actor wrote; USS is its own memory). Target: RSS < 1 GB.
 
 Other processes compete for the cores: the load average is printed with the numbers.
 """
@@ -31,7 +31,7 @@ import time
 
 import av
 import numpy as np
-import torch
+from PIL import Image
 
 from morphmlp.data.config import DataConfig
 
@@ -110,27 +110,30 @@ def make_videos(folder: str, seconds: float) -> dict[str, str]:
 
 def per_core(paths: dict[str, str], clips: int) -> None:
     """Clips per CPU-second, ours vs decode-everything-then-pick, one thread each."""
-    from torchvision.transforms.v2 import functional as F
-
     from morphmlp.data.augment import train_augment
-    from morphmlp.data.decode import decode_frames, probe_video
+    from morphmlp.data.decode import decode_frames, output_size, probe_video
     from morphmlp.data.sampling import clip_indices
 
-    torch.set_num_threads(1)
     cfg = DataConfig()  # the release's K400 recipe: 16x4, 224, RRC + flip + RandAugment
 
     def ours(uri, info, rng):
         indices = clip_indices(cfg, info.num_frames, info.fps, clip_idx=-1, num_clips=1, rng=rng)
         frames = decode_frames(uri, indices, short_side=cfg.decode_short_side, threads=1)
-        return train_augment(torch.from_numpy(frames).permute(0, 3, 1, 2), 0, cfg, rng)[0]
+        return train_augment(frames, 0, cfg, rng)[0]
 
     def baseline(uri, info, rng):
         indices = clip_indices(cfg, info.num_frames, info.fps, clip_idx=-1, num_clips=1, rng=rng)
         with av.open(uri) as container:
             container.streams.video[0].thread_count = 1
             every = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-        clip = torch.from_numpy(np.stack([every[i] for i in indices])).permute(0, 3, 1, 2)
-        clip = F.resize(clip, [cfg.decode_short_side])
+        height, width = every[0].shape[:2]
+        size = output_size(width, height, cfg.decode_short_side)
+        clip = np.stack(
+            [
+                np.asarray(Image.fromarray(every[i]).resize(size, Image.Resampling.BILINEAR))
+                for i in indices
+            ]
+        )
         return train_augment(clip, 0, cfg, rng)[0]
 
     for name, uri in paths.items():
@@ -141,7 +144,7 @@ def per_core(paths: dict[str, str], clips: int) -> None:
             cpu, wall = time.process_time(), time.perf_counter()
             for i in range(clips):
                 clip = fn(uri, info, np.random.default_rng(i))
-                assert clip.shape == (16, 3, 224, 224)
+                assert clip.shape == (16, 224, 224, 3)
             result[f"{label}_cpu"] = clips / (time.process_time() - cpu)
             result[f"{label}_wall"] = clips / (time.perf_counter() - wall)
         result["speedup"] = result["ours_cpu"] / result["baseline_cpu"]
@@ -190,7 +193,7 @@ def pipeline(paths: dict[str, str], cpus: int, args: argparse.Namespace) -> dict
             index, cfg, seed=0, num_epochs=math.ceil(clips / len(uris)), samples_per_epoch=len(uris)
         )
         # Timing starts a while after the first batch: until then Ray is still starting worker
-        # processes (each imports Ray and torch: about a CPU-second), which a short window
+        # processes (each imports Ray and PyAV: most of a CPU-second), which a short window
         # charges to the pipeline, and the 1-core run most.
         warm_until = started = None
         seen, memory, sampled = 0, [], 0.0
@@ -247,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     load = os.getloadavg()
     print(
-        f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, PyAV "
+        f"{platform.machine()} {os.cpu_count()} cores, Pillow {Image.__version__}, PyAV "
         f"{av.__version__}; load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
         flush=True,
     )

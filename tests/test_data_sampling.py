@@ -3,9 +3,16 @@
 slowfast/datasets/sth.py get_seq_frames)."""
 
 import numpy as np
+import torch
 
 from morphmlp.data.config import DataConfig
-from morphmlp.data.sampling import clip_indices, dense_indices, get_start_end_idx, segment_indices
+from morphmlp.data.sampling import (
+    clip_indices,
+    dense_indices,
+    get_start_end_idx,
+    linspace_float32,
+    segment_indices,
+)
 
 # 5 frames at stride 4 (30 fps): clip_size = 4 * 5 = 20 frames, so the frames sit at
 # start + 19 * k / 4 = start + (0, 4.75, 9.5, 14.25, 19) -- exact in binary floating point.
@@ -106,3 +113,16 @@ def test_clip_indices_dispatches_on_the_config():
         40,
         46,
     ]
+
+
+def test_linspace_float32_is_torch_linspace_bit_for_bit():
+    """PySlowFast truncates torch.linspace's float32 values; the numpy replica must give the same
+    floats (not just close ones), or a value a rounding below an integer picks another frame."""
+    rng = np.random.default_rng(0)
+    for trial in range(20_000):
+        # Integer ends (as get_start_end_idx gives at test time) and fractional ones (training).
+        start = float(rng.integers(0, 3000)) if trial % 3 == 0 else float(rng.uniform(0, 3000))
+        end = start + (float(rng.integers(0, 3000)) if trial % 5 == 0 else rng.uniform(0, 3000))
+        steps = int(rng.integers(1, 130))
+        expected = torch.linspace(start, end, steps).numpy()
+        np.testing.assert_array_equal(linspace_float32(start, end, steps), expected)

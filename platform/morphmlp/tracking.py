@@ -78,7 +78,7 @@ def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
-    for name in ("torch", "torchvision", "ray", "mlflow", "av", "pyarrow", "morphmlp"):
+    for name in ("torch", "ray", "mlflow", "av", "pyarrow", "pillow", "morphmlp"):
         try:
             versions[f"version.{name}"] = version(name)
         except PackageNotFoundError:

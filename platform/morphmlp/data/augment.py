@@ -1,67 +1,103 @@
 """Per-clip augmentation on CPU in the decode actors: one set of random parameters for all frames.
 
-Clips are (T, C, H, W) uint8 tensors; torchvision.transforms.v2 treats the leading T as a batch of
-frames and draws its random parameters once, so the crop, flip and RandAugment ops are the same on
-every frame. Randomness comes from a numpy Generator seeded per sample (seed, epoch, row), and the
-torchvision transforms run inside a fork of torch's RNG seeded from it, so a sample is identical
-whichever actor makes it.
+Clips are (T, H, W, 3) uint8 arrays. Every parameter (crop box, flip, RandAugment ops and
+magnitudes) is drawn once per clip from a numpy Generator seeded per sample (seed, epoch, row), so a
+sample is identical whichever actor makes it; Pillow then applies it to each frame, as the release
+(PySlowFast's rand_augment.py, from timm) does with its list of PIL frames.
+
+Pillow rather than torchvision keeps torch out of the decode actors: importing torch (a CUDA build
+here and on GPU nodes) costs every actor about 500 MiB before it decodes a frame, and the actors
+need none of it (docs/benchmarks.md, "Decode actor memory").
 
 RandAugment follows timm's policy string as the release uses it (`rand-m7-n4-mstd0.5-inc1`: 4 ops
-drawn with replacement from timm's 15, each applied with probability 0.5 at magnitude
-N(7, 0.5) clipped to [0, 10], signed ops negated half the time; inc1 = the "increasing" variants),
-with torchvision's kernels for the pixel work. Differences from the release, all small:
-- geometric ops interpolate bilinearly (torchvision's tensor kernels have no bicubic affine);
-  the release passes bicubic to PIL;
-- it runs after the crop (on 224² instead of the ~256x340 decoded frame: ~1.7x less work), so
-  relative translations are relative to the crop; the release runs it before the crop;
-- the crop resize is antialiased bilinear (torchvision); the release uses F.interpolate without
-  antialias;
-- pixel kernels are torchvision's, not PIL's (rounding differs by a grey level here and there).
+drawn with replacement from timm's 15, each applied with probability 0.5 at magnitude N(7, 0.5)
+clipped to [0, 10], signed ops negated half the time; inc1 = the "increasing" variants), with
+Pillow's kernels, as in the release. Differences from the release, all small:
+- geometric ops interpolate bilinearly; the release asks Pillow for bicubic, which costs 2.3x as
+  much per frame (30 instead of 13 ms for 16 frames at 224²);
+- RandAugment runs after the crop (on 224² instead of the ~256x340 decoded frame: ~1.7x less work),
+  so relative translations are relative to the crop; the release runs it before the crop;
+- the crop is resized by Pillow (bilinear, antialiased when shrinking); the release uses
+  F.interpolate without antialias.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 import numpy as np
-import torch
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
+from PIL import Image, ImageEnhance, ImageOps
 
 from morphmlp.data.config import DataConfig
+from morphmlp.data.decode import output_size
 
-_BILINEAR = v2.InterpolationMode.BILINEAR
-_FILL = [128.0, 128.0, 128.0]  # timm's fill colour for geometric ops
+_BILINEAR = Image.Resampling.BILINEAR
+_FILL = (128, 128, 128)  # timm's fill colour for geometric ops
 _MAX_LEVEL = 10.0
+_RRC_ATTEMPTS = 10  # torchvision's and timm's RandomResizedCrop
+
+Frames = list[Image.Image]
 
 
 def train_augment(
-    clip: torch.Tensor, label: int, cfg: DataConfig, rng: np.random.Generator
-) -> tuple[torch.Tensor, int]:
-    """Random crop, flip (+ label swap) and RandAugment of one (T, C, H, W) uint8 clip."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(rng.integers(2**62)))
-        size = cfg.train_crop_size
-        if cfg.train_crop == "random_resized":
-            crop = v2.RandomResizedCrop(size, scale=cfg.rrc_scale, ratio=cfg.rrc_ratio)
-            clip = crop(clip)
-        else:
-            short_side = round(rng.uniform(*cfg.train_jitter_scales))
-            clip = F.resize(clip, [short_side])
-            clip = v2.RandomCrop(size)(clip)
+    clip: np.ndarray, label: int, cfg: DataConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, int]:
+    """Random crop, flip (+ label swap) and RandAugment of one (T, H, W, 3) uint8 clip."""
+    height, width = clip.shape[1:3]
+    size = cfg.train_crop_size
+    if cfg.train_crop == "random_resized":
+        box = _random_resized_box(height, width, cfg.rrc_scale, cfg.rrc_ratio, rng)
+    else:
+        box = _jitter_box(height, width, size, cfg.train_jitter_scales, rng)
+    # One resample per frame: the crop box in source pixels, straight to the output size.
+    frames = [Image.fromarray(frame).resize((size, size), _BILINEAR, box=box) for frame in clip]
     if cfg.random_flip and rng.random() < 0.5:
-        clip = F.horizontal_flip(clip)
+        frames = [frame.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for frame in frames]
         if cfg.flip_label_map is not None:
             label = cfg.flip_label_map.get(label, label)
     if cfg.rand_augment:
-        clip = RandAugment(cfg.rand_augment)(clip, rng)
-    return clip, label
+        frames = RandAugment(cfg.rand_augment)(frames, rng)
+    return np.stack([np.asarray(frame) for frame in frames]), label
 
 
-def uniform_crops(clip: torch.Tensor, crop_size: int, num_crops: int) -> list[torch.Tensor]:
-    """PySlowFast's uniform_crop: one center crop, or three along the long side."""
-    height, width = clip.shape[-2:]
+def _random_resized_box(height, width, scale, ratio, rng) -> tuple[float, float, float, float]:
+    """RandomResizedCrop's box (left, top, right, bottom), drawn as torchvision and timm draw it."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(_RRC_ATTEMPTS):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, left + w, top + h
+    # Fallback: the central crop with the aspect ratio clamped into range.
+    w, h = width, height
+    if width / height < ratio[0]:
+        h = round(w / ratio[0])
+    elif width / height > ratio[1]:
+        w = round(h * ratio[1])
+    top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
+
+
+def _jitter_box(height, width, size, scales, rng) -> tuple[float, float, float, float]:
+    """Short side rescaled to a random size in `scales`, then a random size² crop, as one box."""
+    new_w, new_h = output_size(width, height, round(rng.uniform(*scales)))
+    top = int(rng.integers(0, new_h - size + 1))
+    left = int(rng.integers(0, new_w - size + 1))
+    sy, sx = height / new_h, width / new_w
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
+
+
+def uniform_crops(clip: np.ndarray, crop_size: int, num_crops: int) -> list[np.ndarray]:
+    """PySlowFast's uniform_crop of a (T, H, W, 3) clip: one center crop, or three along the long
+    side."""
+    height, width = clip.shape[1:3]
     spatial = [1] if num_crops == 1 else [0, 1, 2]
     crops = []
     for spatial_idx in spatial:
@@ -71,7 +107,7 @@ def uniform_crops(clip: torch.Tensor, crop_size: int, num_crops: int) -> list[to
             top = {0: 0, 1: top, 2: height - crop_size}[spatial_idx]
         else:
             left = {0: 0, 1: left, 2: width - crop_size}[spatial_idx]
-        crops.append(clip[..., top : top + crop_size, left : left + crop_size])
+        crops.append(clip[:, top : top + crop_size, left : left + crop_size])
     return crops
 
 
@@ -95,7 +131,7 @@ class RandAugment:
                 increasing = value == "1"
         self.ops = _INCREASING_OPS if increasing else _OPS
 
-    def __call__(self, clip: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    def __call__(self, frames: Frames, rng: np.random.Generator) -> Frames:
         for op in rng.choice(len(self.ops), self.num_ops, replace=True):
             if rng.random() > 0.5:
                 continue
@@ -103,110 +139,117 @@ class RandAugment:
             if self.magnitude_std > 0:
                 magnitude = rng.normal(magnitude, self.magnitude_std)
             level = min(_MAX_LEVEL, max(0.0, magnitude)) / _MAX_LEVEL
-            clip = self.ops[op](clip, level, rng)
-        return clip
+            frames = self.ops[op](frames, level, rng)
+        return frames
+
+
+# An op maps (frames, level in [0, 1], rng) to frames. Its random draws (sign) happen once, before
+# the per-frame loop, so every frame gets the same parameters.
+Op = Callable[[Frames, float, np.random.Generator], Frames]
 
 
 def _signed(value: float, rng: np.random.Generator) -> float:
     return -value if rng.random() < 0.5 else value
 
 
-def _affine(clip, *, angle=0.0, translate=(0, 0), shear=(0.0, 0.0), center=None):
-    return F.affine(
-        clip,
-        angle=angle,
-        translate=list(translate),
-        scale=1.0,
-        shear=list(shear),
-        interpolation=_BILINEAR,
-        fill=_FILL,
-        center=center,
-    )
+def _per_frame(fn: Callable[[Image.Image], Image.Image]) -> Op:
+    """An op without parameters (autocontrast, equalize, invert)."""
+    return lambda frames, level, rng: [fn(frame) for frame in frames]
 
 
-def _rotate(clip, level, rng):
-    return F.rotate(clip, _signed(level * 30.0, rng), interpolation=_BILINEAR, fill=_FILL)
+def _affine(matrix: Callable[[float, np.random.Generator, tuple[int, int]], tuple]) -> Op:
+    """Pillow's affine transform; `matrix` maps output to input pixels, about the top-left corner,
+    as timm's shear and translate ops use it."""
+
+    def op(frames, level, rng):
+        coefficients = matrix(level, rng, frames[0].size)
+        return [
+            frame.transform(
+                frame.size, Image.Transform.AFFINE, coefficients, _BILINEAR, fillcolor=_FILL
+            )
+            for frame in frames
+        ]
+
+    return op
 
 
-def _shear_x(clip, level, rng):
-    # center=[0, 0]: shear about the top-left corner, as PIL's affine transform does.
-    angle = math.degrees(math.atan(_signed(level * 0.3, rng)))
-    return _affine(clip, shear=(angle, 0.0), center=[0, 0])
+def _rotate(frames, level, rng):
+    degrees = _signed(level * 30.0, rng)
+    return [frame.rotate(degrees, _BILINEAR, fillcolor=_FILL) for frame in frames]
 
 
-def _shear_y(clip, level, rng):
-    angle = math.degrees(math.atan(_signed(level * 0.3, rng)))
-    return _affine(clip, shear=(0.0, angle), center=[0, 0])
+def _posterize_bits(bits: Callable[[float], int]) -> Op:
+    def op(frames, level, rng):
+        keep = bits(level)
+        return frames if keep >= 8 else [ImageOps.posterize(frame, keep) for frame in frames]
+
+    return op
 
 
-def _translate_x(clip, level, rng):
-    return _affine(clip, translate=(round(_signed(level * 0.45, rng) * clip.shape[-1]), 0))
+def _solarize(threshold: Callable[[float], int]) -> Op:
+    # A threshold of 256 leaves every pixel as it is.
+    return lambda frames, level, rng: [
+        ImageOps.solarize(frame, threshold(level)) for frame in frames
+    ]
 
 
-def _translate_y(clip, level, rng):
-    return _affine(clip, translate=(0, round(_signed(level * 0.45, rng) * clip.shape[-2])))
+def _solarize_add(frames, level, rng):
+    """timm's SolarizeAdd: add level * 110 to the pixels below 128."""
+    added = int(level * 110)
+    lut = [min(255, i + added) if i < 128 else i for i in range(256)] * 3
+    return [frame.point(lut) for frame in frames]
 
 
-def _posterize(clip, level, rng):
-    return F.posterize(clip, int(level * 4))
+def _enhance(enhancer: type, factor: Callable[[float, np.random.Generator], float]) -> Op:
+    def op(frames, level, rng):
+        value = factor(level, rng)
+        return [enhancer(frame).enhance(value) for frame in frames]
+
+    return op
 
 
-def _posterize_increasing(clip, level, rng):
-    return F.posterize(clip, 4 - int(level * 4))
+def _enhance_factor(level, rng):
+    """timm's Color/Contrast/Brightness/Sharpness: factor in [0.1, 1.9] rising with level."""
+    return level * 1.8 + 0.1
 
 
-def _solarize(clip, level, rng):
-    threshold = int(level * 256)
-    return clip if threshold > 255 else F.solarize(clip, threshold)
-
-
-def _solarize_increasing(clip, level, rng):
-    threshold = 256 - int(level * 256)
-    return clip if threshold > 255 else F.solarize(clip, threshold)
-
-
-def _solarize_add(clip, level, rng):
-    added = (clip.to(torch.int16) + int(level * 110)).clamp(max=255).to(torch.uint8)
-    return torch.where(clip < 128, added, clip)
-
-
-def _enhance(fn):
-    """timm's "Color/Contrast/Brightness/Sharpness": factor in [0.1, 1.9] rising with level."""
-    return lambda clip, level, rng: fn(clip, level * 1.8 + 0.1)
-
-
-def _enhance_increasing(fn):
+def _enhance_increasing_factor(level, rng):
     """The inc1 variants: factor 1 +- 0.9 * level, so the change grows with the magnitude."""
-    return lambda clip, level, rng: fn(clip, 1.0 + _signed(level * 0.9, rng))
+    return 1.0 + _signed(level * 0.9, rng)
 
 
-_COMMON_OPS = [
-    lambda clip, level, rng: F.autocontrast(clip),
-    lambda clip, level, rng: F.equalize(clip),
-    lambda clip, level, rng: F.invert(clip),
+_COMMON_OPS: list[Op] = [
+    _per_frame(ImageOps.autocontrast),
+    _per_frame(ImageOps.equalize),
+    _per_frame(ImageOps.invert),
     _rotate,
 ]
-_GEOMETRIC_OPS = [_shear_x, _shear_y, _translate_x, _translate_y]
+_GEOMETRIC_OPS: list[Op] = [
+    _affine(lambda level, rng, size: (1, _signed(level * 0.3, rng), 0, 0, 1, 0)),  # shear x
+    _affine(lambda level, rng, size: (1, 0, 0, _signed(level * 0.3, rng), 1, 0)),  # shear y
+    _affine(lambda level, rng, size: (1, 0, _signed(level * 0.45, rng) * size[0], 0, 1, 0)),
+    _affine(lambda level, rng, size: (1, 0, 0, 0, 1, _signed(level * 0.45, rng) * size[1])),
+]
+_ENHANCERS = (
+    ImageEnhance.Color,
+    ImageEnhance.Contrast,
+    ImageEnhance.Brightness,
+    ImageEnhance.Sharpness,
+)
 # Same order as timm's _RAND_TRANSFORMS / _RAND_INCREASING_TRANSFORMS.
-_OPS = [
+_OPS: list[Op] = [
     *_COMMON_OPS,
-    _posterize,
-    _solarize,
+    _posterize_bits(lambda level: int(level * 4)),
+    _solarize(lambda level: int(level * 256)),
     _solarize_add,
-    _enhance(F.adjust_saturation),
-    _enhance(F.adjust_contrast),
-    _enhance(F.adjust_brightness),
-    _enhance(F.adjust_sharpness),
+    *(_enhance(enhancer, _enhance_factor) for enhancer in _ENHANCERS),
     *_GEOMETRIC_OPS,
 ]
-_INCREASING_OPS = [
+_INCREASING_OPS: list[Op] = [
     *_COMMON_OPS,
-    _posterize_increasing,
-    _solarize_increasing,
+    _posterize_bits(lambda level: 4 - int(level * 4)),
+    _solarize(lambda level: 256 - int(level * 256)),
     _solarize_add,
-    _enhance_increasing(F.adjust_saturation),
-    _enhance_increasing(F.adjust_contrast),
-    _enhance_increasing(F.adjust_brightness),
-    _enhance_increasing(F.adjust_sharpness),
+    *(_enhance(enhancer, _enhance_increasing_factor) for enhancer in _ENHANCERS),
     *_GEOMETRIC_OPS,
 ]

@@ -29,10 +29,8 @@ from collections import OrderedDict
 import numpy as np
 import pyarrow as pa
 import ray
-import torch
 from ray.data.block import BlockMetadata
 
-from morphmlp import DECODE_ACTOR_ENV
 from morphmlp.data.augment import train_augment, uniform_crops
 from morphmlp.data.config import DataConfig
 from morphmlp.data.decode import decode_frames
@@ -120,8 +118,6 @@ class _Clips:
         self.end_sec = columns["end_sec"].to_numpy(zero_copy_only=False)
         self.ledger = ledger
         self.bad_rows: set[int] = set()
-        # Augmentation runs on the actor's own CPUs only; parallelism comes from the pool.
-        torch.set_num_threads(max(1, math.floor(cfg.cpus_per_decode_actor)))
 
     def window(self, row: int) -> tuple[int, int]:
         """(first frame, frame count) of the row's clip window (all of the video by default)."""
@@ -202,9 +198,7 @@ class TrainClips(_Clips):
             short_side=cfg.decode_short_side,
             threads=cfg.decode_threads,
         )
-        clip = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (T, C, H, W) for torchvision
-        clip, label = train_augment(clip, int(self.labels[row]), cfg, rng)
-        return clip.permute(0, 2, 3, 1).contiguous().numpy(), label
+        return train_augment(frames, int(self.labels[row]), cfg, rng)
 
 
 class EvalClips(_Clips):
@@ -255,9 +249,7 @@ class EvalClips(_Clips):
         )
         views = []
         for clip in np.split(frames, self.num_clips):
-            clip = torch.from_numpy(clip).permute(0, 3, 1, 2)
-            for crop in uniform_crops(clip, cfg.test_crop_size, self.num_crops):
-                views.append(crop.permute(0, 2, 3, 1).contiguous().numpy())
+            views.extend(uniform_crops(clip, cfg.test_crop_size, self.num_crops))
         return views
 
 
@@ -323,7 +315,6 @@ def _decode_options(cfg: DataConfig) -> dict:
         "batch_format": "numpy",
         "compute": ray.data.ActorPoolStrategy(min_size=low, max_size=high),
         "num_cpus": cfg.cpus_per_decode_actor,
-        "runtime_env": {"env_vars": {DECODE_ACTOR_ENV: "1"}},
     }
     if cfg.decode_resource is not None:
         # One unit per decode CPU: the cluster configs give each node as many units as the cores

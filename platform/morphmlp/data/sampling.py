@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from morphmlp.data.config import DataConfig
 
@@ -57,8 +56,26 @@ def dense_indices(
     clip_size = sampling_rate * num_frames / target_fps * fps
     start, end = get_start_end_idx(num_video_frames, clip_size, clip_idx, num_clips, rng)
     # torch.linspace in float32 then truncation, exactly as decoder.temporal_sampling does.
-    index = torch.linspace(start, end, num_frames).clamp(0, num_video_frames - 1).long()
-    return index.numpy()
+    index = np.clip(linspace_float32(start, end, num_frames), 0, num_video_frames - 1)
+    return index.astype(np.int64)
+
+
+def linspace_float32(start: float, end: float, steps: int) -> np.ndarray:
+    """torch.linspace(start, end, steps) (float32) in numpy: the decode actors don't load torch.
+
+    Same arithmetic as torch's CPU kernel: a float32 step, the first half counted up from start
+    and the second half down from end (so both ends are exact), each value a fused multiply-add
+    (one rounding; float64 holds the product and sum exactly for frame-index magnitudes).
+    """
+    first, last = np.float32(start), np.float32(end)
+    if steps == 1:
+        return np.array([first], dtype=np.float32)
+    step = np.float64((last - first) / np.float32(steps - 1))
+    idx = np.arange(steps, dtype=np.float64)
+    halfway = steps // 2
+    up = np.float64(first) + step * idx[:halfway]
+    down = np.float64(last) - step * (steps - 1 - idx[halfway:])
+    return np.concatenate([up, down]).astype(np.float32)
 
 
 def segment_indices(
