@@ -30,13 +30,17 @@ def test_benchmark_data_pipeline_prints_both_core_counts_and_memory(tmp_path):
         "--seconds", "2",
         "--pipeline-warmup", "0",
         "--pipeline-seconds", "2",
+        "--pipeline-repeats", "2",
         "--workdir", str(tmp_path),
         timeout=240,
     )  # fmt: skip
     runs = re.findall(r"(\d) CPU\(s\): ([\d.]+) clips/s; decode actor peak RSS (\d+) MiB", out)
-    assert [cpus for cpus, _, _ in runs] == ["1", "2"], out
+    assert [cpus for cpus, _, _ in runs] == ["1", "2", "1", "2"], out
     assert all(float(rate) > 0 and 100 < int(rss) < 4096 for _, rate, rss in runs), out
-    assert re.search(r"2 CPUs / 1 CPU: [\d.]+x", out), out
+    assert len(re.findall(r"^  2 CPUs / 1 CPU: [\d.]+x", out, re.M)) == 2, out
+    median = re.search(r"median of 2 pairs: 1 CPU ([\d.]+) clips/s, 2 CPUs ([\d.]+) clips/s", out)
+    rates = [float(rate) for _, rate, _ in runs]
+    assert median and abs(float(median[1]) - (rates[0] + rates[2]) / 2) < 0.011, out
     assert {p.name for p in tmp_path.iterdir()} >= {"h264-320p.mp4", "vp9-320p.webm"}
 
 

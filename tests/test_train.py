@@ -17,7 +17,7 @@ import psutil
 import pytest
 import torch
 
-from morphmlp.errors import ConfigError
+from morphmlp.errors import ConfigError, StorageError
 from morphmlp.train.checkpoint import (
     Progress,
     export_model,
@@ -131,7 +131,7 @@ def _committed_step(run_dir: str) -> int:
 
     try:
         progress = latest_progress(run_dir)
-    except CheckpointManagerInitializationError:
+    except (CheckpointManagerInitializationError, StorageError):
         return 0
     return progress.step if progress else 0
 
@@ -278,7 +278,6 @@ def test_worker_and_driver_failures_resume_from_s3_checkpoints(
 
 
 def test_a_cut_off_ray_snapshot_is_reported_by_name(tmp_path):
-    from morphmlp.errors import StorageError
     from morphmlp.train.trainer import RAY_SNAPSHOT_FILE, latest_progress
 
     assert latest_progress(str(tmp_path)) is None  # no snapshot: a fresh run
@@ -287,3 +286,38 @@ def test_a_cut_off_ray_snapshot_is_reported_by_name(tmp_path):
         StorageError, match=re.escape(f"{tmp_path}/{RAY_SNAPSHOT_FILE} can't be read")
     ):
         latest_progress(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_a_broken_snapshot_is_set_aside_and_the_run_continues_from_a_complete_checkpoint(
+    tiny_demo_index, tmp_path
+):
+    """A crash while Ray Train rewrites its snapshot (or, on moto's S3, a killed PUT) leaves a
+    file Ray can't start from. Re-running sets it aside and resumes from the newest checkpoint
+    folder that is whole, skipping one cut short."""
+    from morphmlp.train.trainer import RAY_SNAPSHOT_FILE, latest_progress
+
+    runs = tmp_path / "runs"
+    args = [
+        *("--dataset", tiny_demo_index, "--storage", str(runs), "--name", "bs"),
+        *("--epochs", "2", "--batch-size", "4", "--cpus-per-worker", "0.5"),
+        *("--set", "run.checkpoint_every_steps=2"),
+    ]
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    first = _run_train(*args, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = runs / "bs"
+    assert latest_progress(str(run_dir)).step == 12  # 24 videos / batch 4 = 6 steps an epoch
+    snapshot = run_dir / RAY_SNAPSHOT_FILE
+    snapshot.write_bytes(snapshot.read_bytes()[:-40])  # cut short
+    newest = run_dir / "checkpoint_step00000012" / "checkpoint.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # cut short too: not a resume point
+
+    second = _run_train(*args, env=env, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    output = second.stdout + second.stderr
+    assert f"{snapshot} can't be read" in output and "set aside as" in output, output[-3000:]
+    assert "newest complete checkpoint, checkpoint_step00000010" in output, output[-3000:]
+    assert re.search(r"resumed at epoch 1, step 10\b", output), output[-3000:]
+    assert [p.name.split(".broken-")[0] for p in run_dir.glob("*.broken-*")] == [RAY_SNAPSHOT_FILE]
+    assert latest_progress(str(run_dir)).step == 12  # trained steps 11-12 again, and finished

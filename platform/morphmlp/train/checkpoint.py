@@ -21,6 +21,7 @@ from morphmlp.data import storage
 
 CHECKPOINT_FILE = "checkpoint.pt"
 PROGRESS_FILE = "progress.json"
+CHECKPOINT_DIR_PREFIX = "checkpoint_step"  # + the step, 8 digits: names sort by step
 MODEL_FILE = "model.pt"
 
 
@@ -75,8 +76,8 @@ def read_checkpoint_dir(directory: str) -> dict[str, Any]:
 
 
 def read_progress(directory: str) -> Progress:
-    with open(os.path.join(directory, PROGRESS_FILE)) as f:
-        return Progress(**json.load(f))
+    """The progress sidecar of a checkpoint folder (a local path or a URI)."""
+    return Progress(**json.loads(storage.read_bytes(storage.join(directory, PROGRESS_FILE))))
 
 
 def export_model(

@@ -21,9 +21,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from morphmlp.config import from_dict
-from morphmlp.data import transforms
+from morphmlp.data import storage, transforms
 from morphmlp.train import optim
 from morphmlp.train.checkpoint import (
+    CHECKPOINT_DIR_PREFIX,
     Progress,
     export_model,
     read_checkpoint_dir,
@@ -45,6 +46,9 @@ class RunInfo:
     mlflow_run_id: str | None
     tracking_uri: str
     bad_data_ledger: str | None = None  # name of the BadDataLedger actor
+    # The checkpoint folder to start from while Ray Train has none of its own (its snapshot was
+    # cut short by a crash; trainer.recover_from_broken_snapshot).
+    recovered_checkpoint: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -111,6 +115,9 @@ def train_func(config: dict[str, Any]) -> None:
     progress = Progress(mlflow_run_id=info.mlflow_run_id)
 
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and info.recovered_checkpoint:
+        fs, path = storage.resolve(info.recovered_checkpoint)
+        checkpoint = ray.train.Checkpoint(path, filesystem=fs)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = read_checkpoint_dir(directory)
@@ -387,7 +394,6 @@ class _Loop:
         if self.rank != 0:
             return
         from morphmlp.config import to_dict
-        from morphmlp.data import storage
 
         export_model(
             storage.join(self.info.run_dir, kind, "model.pt"),
@@ -426,7 +432,7 @@ class _Loop:
             ray.train.report(
                 report,
                 checkpoint=ray.train.Checkpoint.from_directory(directory),
-                checkpoint_dir_name=f"checkpoint_step{progress.step:08d}",
+                checkpoint_dir_name=f"{CHECKPOINT_DIR_PREFIX}{progress.step:08d}",
             )
 
     def finish(self, progress: Progress) -> None:

@@ -11,14 +11,24 @@ import json
 import logging
 import os
 import tempfile
+import time
+import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
+
+import pyarrow.fs as pafs
 
 from morphmlp import tracking
 from morphmlp.config import ConfigError, flatten, to_dict
 from morphmlp.data import storage
 from morphmlp.errors import MorphMLPError, StorageError
-from morphmlp.train.checkpoint import PROGRESS_FILE, Progress
+from morphmlp.train.checkpoint import (
+    CHECKPOINT_DIR_PREFIX,
+    CHECKPOINT_FILE,
+    PROGRESS_FILE,
+    Progress,
+    read_progress,
+)
 from morphmlp.train.config import TrainJobConfig, default_run_name, steps_per_epoch
 from morphmlp.train.loop import RunInfo, build_model, train_func
 
@@ -64,6 +74,8 @@ class Prepared:
     run_dir: str
     steps_per_epoch: int
     progress: Progress | None  # where an earlier attempt of this run stopped
+    # Set when Ray Train's snapshot was cut short: the checkpoint folder the run continues from.
+    recovered_checkpoint: str | None = None
 
 
 @dataclass
@@ -101,7 +113,8 @@ def prepare(cfg: TrainJobConfig, *, resume: Resume = "auto") -> Prepared:
     )
     storage.check_writable(storage_root)
     run_dir = storage.join(storage_root, run_name)
-    progress = latest_progress(run_dir)
+    recovered = recover_from_broken_snapshot(run_dir)
+    progress = read_progress(recovered) if recovered else latest_progress(run_dir)
     if progress is not None and resume == "never":
         raise ResumeError(
             f"run {run_name!r} already has checkpoints in {storage.redact(run_dir)}; "
@@ -111,7 +124,9 @@ def prepare(cfg: TrainJobConfig, *, resume: Resume = "auto") -> Prepared:
         raise ResumeError(f"no checkpoint to resume in {storage.redact(run_dir)}")
     tracking.check_reachable(tracking.tracking_uri())
     cfg.run.storage = storage_root
-    return Prepared(cfg, index_uri, train_index, val_index, run_name, run_dir, spe, progress)
+    return Prepared(
+        cfg, index_uri, train_index, val_index, run_name, run_dir, spe, progress, recovered
+    )
 
 
 def run_training(
@@ -136,6 +151,7 @@ def run_training(
         mlflow_run_id=run_id,
         tracking_uri=tracking.tracking_uri(),
         bad_data_ledger=ledger.name,
+        recovered_checkpoint=prep.recovered_checkpoint,
     )
     total_steps = cfg.optim.epochs * prep.steps_per_epoch
     done = prep.progress is not None and prep.progress.step >= total_steps
@@ -183,7 +199,7 @@ def run_training(
             },
         )
         trainer.fit()
-    progress = latest_progress(prep.run_dir) or Progress()
+    progress = latest_progress(prep.run_dir) or prep.progress or Progress()
     outcome = TrainOutcome(prep.run_name, prep.run_dir, run_id, progress)
     _record(prep, outcome, ledger)
     return outcome
@@ -226,11 +242,13 @@ class TrainDatasetFactory:
         self.samples_per_epoch = prep.steps_per_epoch * prep.cfg.global_batch
         self.run_dir = prep.run_dir
         self.ledger_name = ledger_name
+        # Until Ray Train registers a checkpoint of its own, a recovered run starts from there.
+        self.recovered_progress = prep.progress if prep.recovered_checkpoint else None
 
     def __call__(self):
         from morphmlp.data.pipeline import BadDataLedger, build_train_dataset
 
-        progress = latest_progress(self.run_dir)
+        progress = latest_progress(self.run_dir) or self.recovered_progress
         return build_train_dataset(
             self.index,
             self.data_cfg,
@@ -257,15 +275,65 @@ def latest_progress(run_dir: str) -> Progress | None:
     except Exception as err:  # Ray's error for a snapshot it can't parse is internal
         raise StorageError(
             f"{run_dir}/{RAY_SNAPSHOT_FILE} can't be read ({err}). Ray Train rewrites it in place "
-            "after every checkpoint, so a crash during that write can cut it short. The "
-            "checkpoint folders beside it are intact. Move the file aside to start this run "
-            "over, or pass --name to start a new run."
+            "after every checkpoint, so a crash during that write can cut it short. Re-running "
+            "the job sets it aside and continues from the newest complete checkpoint folder."
         ) from err
     if result.checkpoint is None:
         return None
     fs, path = result.checkpoint.filesystem, result.checkpoint.path
     with fs.open_input_stream(f"{path}/{PROGRESS_FILE}") as f:
         return Progress(**json.loads(f.read()))
+
+
+def recover_from_broken_snapshot(run_dir: str) -> str | None:
+    """If a crash cut Ray Train's snapshot short, set it aside and return the newest complete
+    checkpoint folder (None if there is none: the run then starts over).
+
+    Ray rewrites the snapshot in place after every checkpoint (on S3, moto's server can keep a
+    PUT cut off by a killed client as well), and its controller can't start on a broken one. The
+    checkpoint folders beside it are what matters; the broken file is kept, renamed.
+    """
+    snapshot = storage.join(run_dir, RAY_SNAPSHOT_FILE)
+    if not storage.exists(snapshot):
+        return None
+    try:
+        json.loads(storage.read_bytes(snapshot))
+        return None  # whole (any other trouble with it is Ray's to report)
+    except ValueError as err:  # not JSON: cut short, or with a cut-off write's leftovers
+        problem = f"{storage.redact(snapshot)} can't be read ({err})"
+    fs, path = storage.resolve(run_dir)
+    aside = f"{path}/{RAY_SNAPSHOT_FILE}.broken-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+    fs.move(f"{path}/{RAY_SNAPSHOT_FILE}", aside)
+    folders = fs.get_file_info(pafs.FileSelector(path))
+    names = sorted(
+        (f.base_name for f in folders if f.type == pafs.FileType.Directory),
+        reverse=True,  # checkpoint_step%08d: newest first
+    )
+    for name in names:
+        if name.startswith(CHECKPOINT_DIR_PREFIX) and _complete(fs, f"{path}/{name}"):
+            uri = storage.join(run_dir, name)
+            log.warning(
+                "%s; set aside as %s. Continuing from the newest complete checkpoint, %s",
+                problem,
+                aside.rsplit("/", 1)[-1],
+                name,
+            )
+            return uri
+    log.warning("%s; set aside. No complete checkpoint folder: the run starts over", problem)
+    return None
+
+
+def _complete(fs: pafs.FileSystem, folder: str) -> bool:
+    """Both files of a checkpoint are there, whole: torch's zip archive ends with its directory,
+    which a cut-off copy lacks."""
+    try:
+        with fs.open_input_stream(f"{folder}/{PROGRESS_FILE}") as f:
+            Progress(**json.loads(f.read()))
+        with fs.open_input_file(f"{folder}/{CHECKPOINT_FILE}") as f, zipfile.ZipFile(f):
+            pass
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile):
+        return False
+    return True
 
 
 def _check_architecture(cfg: TrainJobConfig) -> None:
