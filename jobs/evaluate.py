@@ -102,20 +102,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
     from morphmlp import tracking
-    from morphmlp.evaluate import checkpoints
+    from morphmlp.cluster import connect_ray
+    from morphmlp.evaluate import model_refs
     from morphmlp.evaluate.catalog import resolve_benchmark
     from morphmlp.evaluate.runner import evaluate_pair, plan_pair
-    from morphmlp.train.trainer import connect_ray
 
     try:
         if (args.checkpoint is None) == (args.model_version is None):
             raise ConfigError("give exactly one of a checkpoint reference and --model-version")
-        reference = args.checkpoint or checkpoints.model_version_uri(args.model_version)
+        reference = args.checkpoint or model_refs.model_version_uri(args.model_version)
         spec = benchmark_spec(args)
         cfg = eval_config(args)
         tracking.check_reachable(tracking.tracking_uri())
         bench = resolve_benchmark(spec)
-        ckpt = checkpoints.load(
+        ckpt = model_refs.load(
             reference, variant=args.variant, frames=args.frames, img_size=args.img_size
         )
         plan = plan_pair(ckpt, bench, cfg)

@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import ray
 
-    from morphmlp.data import index, storage
+    from morphmlp import storage
+    from morphmlp.data import index
 
     try:
         if args.from_folder:

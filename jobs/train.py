@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
     from morphmlp import tracking
+    from morphmlp.cluster import connect_ray
     from morphmlp.train.config import resolve_config
-    from morphmlp.train.trainer import connect_ray, prepare, run_training
+    from morphmlp.train.trainer import prepare, run_training
 
     try:
         prep = prepare(resolve_config(config_tree(args)), resume=args.resume)

@@ -71,8 +71,7 @@ def train_tree(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
-    from morphmlp import tracking
-    from morphmlp.data import storage
+    from morphmlp import storage, tracking
     from morphmlp.tune.search import SearchConfig, SearchInterrupted, prepare_search, run_search
 
     try:

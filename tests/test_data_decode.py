@@ -5,7 +5,7 @@ import av
 import numpy as np
 import pytest
 
-from morphmlp.data import storage
+from morphmlp import storage
 from morphmlp.data.decode import decode_frames, output_size, probe_video
 from morphmlp.data.errors import VideoDecodeError
 

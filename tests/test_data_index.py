@@ -12,7 +12,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from morphmlp.data import storage
+from morphmlp import storage
 from morphmlp.data.errors import IndexSchemaError
 from morphmlp.data.index import (
     VideoIndex,

@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from morphmlp.data import storage
+from morphmlp import storage
+from morphmlp.data.bad_data import BadDataLedger
 from morphmlp.data.config import DataConfig
 from morphmlp.data.decode import probe_video
 from morphmlp.data.errors import BadDataError, VideoDecodeError
 from morphmlp.data.index import VideoIndex, read_index, write_index
-from morphmlp.data.ledger import BadDataLedger
 from morphmlp.data.pipeline import build_eval_dataset, build_train_dataset
 from morphmlp.data.sampling import clip_indices, dense_indices
 from morphmlp.data.transforms import normalize

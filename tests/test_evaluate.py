@@ -25,7 +25,7 @@ from morphmlp.config import to_dict
 from morphmlp.data.demo import CLASS_NAMES
 from morphmlp.data.index import VideoIndex, read_index, write_index
 from morphmlp.errors import ConfigError
-from morphmlp.evaluate import checkpoints
+from morphmlp.evaluate import model_refs
 from morphmlp.evaluate.catalog import (
     Benchmark,
     BenchmarkHashError,
@@ -35,13 +35,13 @@ from morphmlp.evaluate.catalog import (
     load_catalog,
     resolve_benchmark,
 )
-from morphmlp.evaluate.checkpoints import RegisteredVersion
 from morphmlp.evaluate.labels import LabelSpaceError, match_labels
 from morphmlp.evaluate.leaderboard import build_leaderboard
-from morphmlp.evaluate.ledger import EVAL_EXPERIMENT, PairKey, PairResult
 from morphmlp.evaluate.metrics import average_views, compute_metrics
+from morphmlp.evaluate.model_refs import RegisteredVersion
+from morphmlp.evaluate.results import EVAL_EXPERIMENT, PairKey, PairResult
 from morphmlp.models import create_model
-from morphmlp.models.checkpoint import CheckpointError
+from morphmlp.models.weights import CheckpointError
 from morphmlp.train.checkpoint import export_model
 from morphmlp.train.config import resolve_config
 
@@ -280,21 +280,21 @@ def test_leaderboard_rows_sorted_by_mean_top1(bench_index):
 
 
 def test_checkpoint_references(store, tmp_path):
-    v1 = checkpoints.load("models:/morphmlp/1")
+    v1 = model_refs.load("models:/morphmlp/1")
     assert v1.model_version == "1" and v1.class_names == CLASS_NAMES
     assert v1.model_config.num_frames == 8 and v1.version_tags["run"] == "seed0"
-    best = checkpoints.load(f"runs:/{v1.run_id}")  # the run's best model
+    best = model_refs.load(f"runs:/{v1.run_id}")  # the run's best model
     assert all(torch.equal(best.state_dict[k], v) for k, v in v1.state_dict.items())
-    assert [v.version for v in checkpoints.registered_versions()] == ["1", "2"]
+    assert [v.version for v in model_refs.registered_versions()] == ["1", "2"]
     # A release-style file: PySlowFast's model_state, no architecture, no class names.
     release = str(tmp_path / "release.pyth")
     torch.save({"model_state": v1.state_dict, "epoch": 30}, release)
     with pytest.raises(ConfigError, match="give --variant"):
-        checkpoints.load(release)
-    loaded = checkpoints.load(release, variant="xs", frames=8)
+        model_refs.load(release)
+    loaded = model_refs.load(release, variant="xs", frames=8)
     assert loaded.class_names is None and loaded.num_classes == 6
     with pytest.raises(CheckpointError, match="mis-shaped"):
-        checkpoints.load(release, variant="xs", frames=16)
+        model_refs.load(release, variant="xs", frames=16)
 
 
 def test_evaluate_job_rejects_bad_input(store, bench_index, tmp_path, capsys):
@@ -364,7 +364,7 @@ def test_multiview_scores_equal_softmax_averaged_by_hand(store, bench_index, ray
     predictions = pq.read_table(os.path.join(out, "predictions.parquet")).to_pylist()
 
     # By hand: the same 2 clips x 3 crops of each video, v1's network, softmax per view, mean.
-    ckpt = checkpoints.load("models:/morphmlp/1")
+    ckpt = model_refs.load("models:/morphmlp/1")
     model = create_model("xs", num_classes=6)
     model.load_state_dict(ckpt.state_dict)
     model.eval()

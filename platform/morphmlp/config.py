@@ -65,7 +65,7 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def load_yaml(path: str) -> dict[str, Any]:
     """Read a YAML mapping from a local path or any URI pyarrow.fs understands."""
-    from morphmlp.data.storage import read_bytes
+    from morphmlp.storage import read_bytes
 
     try:
         data = yaml.safe_load(read_bytes(path).decode("utf-8"))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
-from morphmlp.data import storage
+from morphmlp import storage
 from morphmlp.data.errors import VideoDecodeError
 
 # FFmpeg reads through Python in chunks of this size; on object stores each chunk is one ranged

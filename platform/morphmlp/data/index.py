@@ -40,7 +40,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from morphmlp.data import storage
+from morphmlp import storage
 from morphmlp.data.errors import IndexSchemaError, VideoDecodeError
 
 log = logging.getLogger(__name__)

@@ -32,11 +32,11 @@ import ray
 from ray.data.block import BlockMetadata
 
 from morphmlp.data.augment import train_augment, uniform_crops
+from morphmlp.data.bad_data import BadDataLedger
 from morphmlp.data.config import DataConfig
 from morphmlp.data.decode import decode_frames
 from morphmlp.data.errors import BadDataError
 from morphmlp.data.index import VideoIndex, failure_record
-from morphmlp.data.ledger import BadDataLedger
 from morphmlp.data.sampling import clip_indices
 from morphmlp.errors import ConfigError
 

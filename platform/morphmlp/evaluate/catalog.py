@@ -25,8 +25,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from morphmlp import storage
 from morphmlp.config import from_dict, load_yaml, to_dict
-from morphmlp.data import storage
 from morphmlp.errors import ConfigError, MorphMLPError
 
 CATALOG_VERSION = 1

@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from morphmlp.evaluate.catalog import ResolvedBenchmark
-from morphmlp.evaluate.checkpoints import RegisteredVersion
-from morphmlp.evaluate.ledger import (
+from morphmlp.evaluate.model_refs import RegisteredVersion
+from morphmlp.evaluate.results import (
     OUTCOME_EVALUATED,
     OUTCOME_SKIPPED,
     TAG_BENCHMARK_CLASSES,

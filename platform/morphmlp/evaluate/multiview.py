@@ -18,9 +18,9 @@ import numpy as np
 from morphmlp.config import ConfigError, from_dict
 from morphmlp.data.config import DataConfig
 from morphmlp.evaluate.catalog import Protocol, ProtocolError
-from morphmlp.evaluate.checkpoints import Checkpoint
 from morphmlp.evaluate.labels import LabelMap
 from morphmlp.evaluate.metrics import VideoScores, average_views
+from morphmlp.evaluate.model_refs import Checkpoint
 from morphmlp.models import MorphMLPConfig
 
 log = logging.getLogger(__name__)

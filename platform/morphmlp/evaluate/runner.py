@@ -20,13 +20,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from morphmlp import tracking
+from morphmlp import storage, tracking
 from morphmlp.config import flatten, to_dict
-from morphmlp.data import storage
 from morphmlp.data.config import DataConfig
-from morphmlp.evaluate import ledger
+from morphmlp.evaluate import results
 from morphmlp.evaluate.catalog import ResolvedBenchmark
-from morphmlp.evaluate.checkpoints import Checkpoint
 from morphmlp.evaluate.labels import LabelMap, LabelSpaceError, match_labels
 from morphmlp.evaluate.metrics import (
     Metrics,
@@ -36,6 +34,7 @@ from morphmlp.evaluate.metrics import (
     per_class_table,
     predictions_table,
 )
+from morphmlp.evaluate.model_refs import Checkpoint
 from morphmlp.evaluate.multiview import EvalConfig, eval_data_config, score_views
 
 log = logging.getLogger(__name__)
@@ -44,7 +43,7 @@ BAD_DATA_FILE = "bad_data.csv"
 
 
 @dataclass
-class PairPlan:
+class EvalPlan:
     ckpt: Checkpoint
     bench: ResolvedBenchmark
     data_cfg: DataConfig
@@ -60,13 +59,13 @@ class PairPlan:
 @dataclass
 class EvalOutcome:
     run_id: str
-    plan: PairPlan
+    plan: EvalPlan
     metrics: Metrics
     scores: VideoScores
     num_bad_videos: int
 
 
-def plan_pair(ckpt: Checkpoint, bench: ResolvedBenchmark, cfg: EvalConfig) -> PairPlan:
+def plan_pair(ckpt: Checkpoint, bench: ResolvedBenchmark, cfg: EvalConfig) -> EvalPlan:
     """Check that the pair can be scored; raises ProtocolError or LabelSpaceError if not."""
     where = f"{ckpt.describe()} on {bench.name}"
     data_cfg = eval_data_config(bench.spec.protocol, ckpt, cfg)
@@ -80,26 +79,26 @@ def plan_pair(ckpt: Checkpoint, bench: ResolvedBenchmark, cfg: EvalConfig) -> Pa
             f"{where}: the benchmark has no videos of the {label_map.num_shared} shared classes"
         )
     index = dataclasses.replace(bench.index, table=shared)
-    return PairPlan(ckpt, bench, data_cfg, label_map, index)
+    return EvalPlan(ckpt, bench, data_cfg, label_map, index)
 
 
 def evaluate_pair(
-    plan: PairPlan, cfg: EvalConfig, *, output: str | None = None, uri: str | None = None
+    plan: EvalPlan, cfg: EvalConfig, *, output: str | None = None, uri: str | None = None
 ) -> EvalOutcome:
     """Score the pair on Ray, log the run to MLflow (and the reports to `output`, if given)."""
-    from morphmlp.data.ledger import BadDataLedger
+    from morphmlp.data.bad_data import BadDataLedger
 
     client = _client(uri)
     tags = {
         **identity_tags(plan.ckpt, plan.bench),
-        ledger.TAG_LABEL_OVERLAP: plan.label_map.overlap,
-        ledger.TAG_SHARED_CLASSES: str(plan.label_map.num_shared),
-        ledger.TAG_BENCHMARK_CLASSES: str(plan.label_map.num_benchmark_classes),
+        results.TAG_LABEL_OVERLAP: plan.label_map.overlap,
+        results.TAG_SHARED_CLASSES: str(plan.label_map.num_shared),
+        results.TAG_BENCHMARK_CLASSES: str(plan.label_map.num_benchmark_classes),
         "model_classes": str(plan.label_map.num_model_classes),
     }
     bad_data = BadDataLedger.create()
     run_id = tracking.start_run(
-        ledger.EVAL_EXPERIMENT, _run_name(plan.ckpt, plan.bench), tags=tags, uri=uri
+        results.EVAL_EXPERIMENT, _run_name(plan.ckpt, plan.bench), tags=tags, uri=uri
     )
     log.info(
         "evaluating %s on %s (%s, %d videos, %s): MLflow run %s",
@@ -138,7 +137,7 @@ def evaluate_pair(
                     with open(path, "rb") as f:
                         storage.write_bytes_atomic(storage.join(output, name), f.read())
         _log_metrics(client, run_id, plan, metrics, len(bad))
-        client.set_tag(run_id, ledger.TAG_OUTCOME, ledger.OUTCOME_EVALUATED)
+        client.set_tag(run_id, results.TAG_OUTCOME, results.OUTCOME_EVALUATED)
         client.set_terminated(run_id, "FINISHED")
     except BaseException as err:
         client.set_terminated(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
@@ -163,10 +162,10 @@ def record_skip(
     """A FINISHED run saying why this pair can't be scored, so the schedule doesn't retry it."""
     tags = {
         **identity_tags(ckpt, bench),
-        ledger.TAG_OUTCOME: ledger.OUTCOME_SKIPPED,
-        ledger.TAG_SKIP_REASON: reason[:5000],
+        results.TAG_OUTCOME: results.OUTCOME_SKIPPED,
+        results.TAG_SKIP_REASON: reason[:5000],
     }
-    run_id = tracking.start_run(ledger.EVAL_EXPERIMENT, _run_name(ckpt, bench), tags=tags, uri=uri)
+    run_id = tracking.start_run(results.EVAL_EXPERIMENT, _run_name(ckpt, bench), tags=tags, uri=uri)
     _client(uri).set_terminated(run_id, "FINISHED")
     return run_id
 
@@ -175,20 +174,20 @@ def identity_tags(ckpt: Checkpoint, bench: ResolvedBenchmark) -> dict[str, str]:
     """What a result is about: the ledger's key plus what makes the run readable in the UI."""
     protocol = bench.spec.protocol
     tags = {
-        ledger.TAG_JOB: ledger.JOB_EVALUATE,
+        results.TAG_JOB: results.JOB_EVALUATE,
         "checkpoint": ckpt.reference,
         "frames": str(ckpt.model_config.num_frames),
         "img_size": str(ckpt.model_config.img_size),
-        ledger.TAG_BENCHMARK: bench.name,
-        ledger.TAG_BENCHMARK_HASH: bench.content_hash,
+        results.TAG_BENCHMARK: bench.name,
+        results.TAG_BENCHMARK_HASH: bench.content_hash,
         "benchmark_index": storage.redact(bench.index.uri),
         "benchmark_split": bench.spec.split or "all",
-        ledger.TAG_PROTOCOL: json.dumps(to_dict(protocol), sort_keys=True),
-        ledger.TAG_PROTOCOL_HASH: bench.protocol_hash,
+        results.TAG_PROTOCOL: json.dumps(to_dict(protocol), sort_keys=True),
+        results.TAG_PROTOCOL_HASH: bench.protocol_hash,
         "git_commit": tracking.git_commit(),
     }
     if ckpt.model_version is not None:
-        tags[ledger.TAG_MODEL_VERSION] = ckpt.model_version
+        tags[results.TAG_MODEL_VERSION] = ckpt.model_version
     if ckpt.run_id is not None:
         tags["model_run_id"] = ckpt.run_id
     if "variant" in ckpt.version_tags:
@@ -207,7 +206,7 @@ def _client(uri: str | None):
     return mlflow.MlflowClient(uri or tracking.tracking_uri())
 
 
-def _log_params(client, run_id: str, plan: PairPlan, cfg: EvalConfig) -> None:
+def _log_params(client, run_id: str, plan: EvalPlan, cfg: EvalConfig) -> None:
     from mlflow.entities import Param
 
     params = {
@@ -225,7 +224,7 @@ def _log_params(client, run_id: str, plan: PairPlan, cfg: EvalConfig) -> None:
         client.log_batch(run_id, params=items[i : i + 100])
 
 
-def _log_metrics(client, run_id: str, plan: PairPlan, metrics: Metrics, num_bad: int) -> None:
+def _log_metrics(client, run_id: str, plan: EvalPlan, metrics: Metrics, num_bad: int) -> None:
     values = {
         **metrics.summary(),
         "bad_videos": num_bad,
@@ -236,7 +235,7 @@ def _log_metrics(client, run_id: str, plan: PairPlan, metrics: Metrics, num_bad:
         client.log_metric(run_id, name, float(value))
 
 
-def _write_reports(folder: str, plan: PairPlan, scores: VideoScores, metrics: Metrics) -> None:
+def _write_reports(folder: str, plan: EvalPlan, scores: VideoScores, metrics: Metrics) -> None:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 

@@ -17,10 +17,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from morphmlp import tracking
-from morphmlp.data import storage
+from morphmlp import storage, tracking
 from morphmlp.errors import MorphMLPError
-from morphmlp.evaluate import checkpoints, ledger
+from morphmlp.evaluate import model_refs, results
 from morphmlp.evaluate.catalog import Catalog, ProtocolError, ResolvedBenchmark, resolve_benchmark
 from morphmlp.evaluate.labels import LabelSpaceError
 from morphmlp.evaluate.leaderboard import Leaderboard, build_leaderboard
@@ -59,8 +58,8 @@ def reevaluate(
     """Evaluate the missing pairs (of `versions`, default all registered) and write the
     leaderboard to `output` (a folder URI; None: MLflow only)."""
     report = ScheduleReport()
-    store = ledger.Ledger(uri)
-    registered = checkpoints.registered_versions(uri)
+    store = results.ResultsLedger(uri)
+    registered = model_refs.registered_versions(uri)
     chosen = _choose_versions(registered, versions, report)
     benchmarks, left_out = _resolve_benchmarks(catalog, report)
     done = store.results()
@@ -69,7 +68,7 @@ def reevaluate(
     todo: dict[str, list[ResolvedBenchmark]] = {}
     for version in chosen:
         for bench in benchmarks:
-            key = ledger.PairKey(
+            key = results.PairKey(
                 version.version, bench.name, bench.content_hash, bench.protocol_hash
             )
             if key in done:
@@ -85,7 +84,7 @@ def reevaluate(
             todo.setdefault(version.version, []).append(bench)
 
     if todo:
-        from morphmlp.train.trainer import connect_ray
+        from morphmlp.cluster import connect_ray
 
         connect_ray(address)
     for version, pending in todo.items():
@@ -132,7 +131,7 @@ def _resolve_benchmarks(catalog: Catalog, report: ScheduleReport):
 
 def _run_version(version: str, pending, cfg: EvalConfig, uri, report: ScheduleReport) -> None:
     try:
-        ckpt = checkpoints.load(checkpoints.model_version_uri(version), uri=uri)
+        ckpt = model_refs.load(model_refs.model_version_uri(version), uri=uri)
     except MorphMLPError as err:  # e.g. its artifact was deleted: reported, retried next time
         report.reported.append(f"v{version}: {err}")
         return
@@ -166,11 +165,11 @@ def _log_leaderboard(board: Leaderboard, uri: str | None) -> None:
 
     client = mlflow.MlflowClient(uri or tracking.tracking_uri())
     run_id = tracking.start_run(
-        ledger.EVAL_EXPERIMENT,
+        results.EVAL_EXPERIMENT,
         "leaderboard",
         tags={
-            ledger.TAG_JOB: ledger.JOB_LEADERBOARD,
-            ledger.TAG_LEADERBOARD_HASH: board.content_hash(),
+            results.TAG_JOB: results.JOB_LEADERBOARD,
+            results.TAG_LEADERBOARD_HASH: board.content_hash(),
             "git_commit": tracking.git_commit(),
         },
         uri=uri,

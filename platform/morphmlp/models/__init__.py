@@ -1,6 +1,5 @@
 """The MorphMLP network, its named variants, checkpoint I/O and cost counting."""
 
-from morphmlp.models.checkpoint import CheckpointError, inflate_image_checkpoint, load_checkpoint
 from morphmlp.models.factory import create_model
 from morphmlp.models.flops import count_gmacs, count_params
 from morphmlp.models.morphmlp import MorphMLP, build_model
@@ -17,6 +16,7 @@ from morphmlp.models.variants import (
     variant_config,
     variant_name,
 )
+from morphmlp.models.weights import CheckpointError, inflate_image_checkpoint, load_checkpoint
 
 __all__ = [
     "VARIANTS",

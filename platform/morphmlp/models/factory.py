@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from morphmlp.models.checkpoint import load_checkpoint
 from morphmlp.models.morphmlp import MorphMLP, build_model
 from morphmlp.models.variants import variant_config
+from morphmlp.models.weights import load_checkpoint
 
 
 def create_model(

@@ -246,7 +246,7 @@ def save_variant_file(cfg: MorphMLPConfig, uri: str) -> None:
     """Write every field, so the file alone describes the architecture."""
     import yaml
 
-    from morphmlp.data.storage import write_bytes_atomic
+    from morphmlp.storage import write_bytes_atomic
 
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     write_bytes_atomic(uri, text.encode("utf-8"))

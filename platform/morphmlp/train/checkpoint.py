@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from morphmlp.data import storage
+from morphmlp import storage
 
 CHECKPOINT_FILE = "checkpoint.pt"
 PROGRESS_FILE = "progress.json"

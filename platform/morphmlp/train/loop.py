@@ -20,8 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from morphmlp import storage
 from morphmlp.config import from_dict
-from morphmlp.data import storage, transforms
+from morphmlp.data import transforms
 from morphmlp.train import optim
 from morphmlp.train.checkpoint import (
     CHECKPOINT_DIR_PREFIX,

@@ -18,9 +18,8 @@ from typing import TYPE_CHECKING, Literal
 
 import pyarrow.fs as pafs
 
-from morphmlp import tracking
+from morphmlp import storage, tracking
 from morphmlp.config import ConfigError, flatten, to_dict
-from morphmlp.data import storage
 from morphmlp.errors import MorphMLPError, StorageError
 from morphmlp.train.checkpoint import (
     CHECKPOINT_DIR_PREFIX,
@@ -43,25 +42,6 @@ Resume = Literal["auto", "must", "never"]
 
 class ResumeError(MorphMLPError):
     """A run name that clashes with (or is missing from) the storage, given --resume."""
-
-
-class ClusterError(MorphMLPError):
-    """The Ray cluster can't be reached."""
-
-
-def connect_ray(address: str | None = None) -> None:
-    """Join the cluster at `address` / RAY_ADDRESS (set for `ray job submit` entrypoints), or
-    start a local Ray when neither is given."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    target = address or os.environ.get("RAY_ADDRESS")
-    _check_reachable(target)
-    try:
-        ray.init(address=target, logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ClusterError(f"can't connect to the Ray cluster at {target}: {err}") from err
 
 
 @dataclass
@@ -218,19 +198,6 @@ def _train_ingest(data: DataSettings):
     return options
 
 
-def _check_reachable(address: str | None) -> None:
-    """ray.init retries an unreachable GCS for minutes; a TCP probe answers in seconds."""
-    import socket
-
-    if not address or address == "auto" or "://" in address:
-        return
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except (OSError, ValueError) as err:
-        raise ClusterError(f"can't connect to the Ray cluster at {address}: {err}") from err
-
-
 class TrainDatasetFactory:
     """Builds the remaining sample schedule from the latest checkpoint's position."""
 
@@ -310,8 +277,8 @@ def recover_from_broken_snapshot(run_dir: str) -> str | None:
         reverse=True,  # checkpoint_step%08d: newest first
     )
     for name in names:
-        if name.startswith(CHECKPOINT_DIR_PREFIX) and _complete(fs, f"{path}/{name}"):
-            uri = storage.join(run_dir, name)
+        uri = storage.join(run_dir, name)
+        if name.startswith(CHECKPOINT_DIR_PREFIX) and _complete(uri):
             log.warning(
                 "%s; set aside as %s. Continuing from the newest complete checkpoint, %s",
                 problem,
@@ -323,15 +290,17 @@ def recover_from_broken_snapshot(run_dir: str) -> str | None:
     return None
 
 
-def _complete(fs: pafs.FileSystem, folder: str) -> bool:
+def _complete(folder: str) -> bool:
     """Both files of a checkpoint are there, whole: torch's zip archive ends with its directory,
     which a cut-off copy lacks."""
     try:
-        with fs.open_input_stream(f"{folder}/{PROGRESS_FILE}") as f:
-            Progress(**json.loads(f.read()))
-        with fs.open_input_file(f"{folder}/{CHECKPOINT_FILE}") as f, zipfile.ZipFile(f):
+        read_progress(folder)
+        with (
+            storage.open_input_file(storage.join(folder, CHECKPOINT_FILE)) as f,
+            zipfile.ZipFile(f),
+        ):
             pass
-    except (OSError, ValueError, TypeError, zipfile.BadZipFile):
+    except (StorageError, OSError, ValueError, TypeError, zipfile.BadZipFile):
         return False
     return True
 

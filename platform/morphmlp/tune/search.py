@@ -35,16 +35,15 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
-from morphmlp import tracking
+from morphmlp import storage, tracking
+from morphmlp.cluster import connect_ray
 from morphmlp.config import ConfigError, flatten, from_dict, load_yaml, merge, to_dict
-from morphmlp.data import storage
 from morphmlp.errors import MorphMLPError
 from morphmlp.models import load_variant_file, save_variant_file
 from morphmlp.train.config import TrainJobConfig, architecture, resolve_config, steps_per_epoch
 from morphmlp.train.trainer import (
     MLFLOW_RUN_FILE,
     ResumeError,
-    connect_ray,
     prepare,
     run_training,
 )
@@ -113,7 +112,7 @@ class SearchConfig:
 
 
 @dataclass
-class PreparedSearch:
+class SearchPlan:
     search: SearchConfig
     space: SearchSpace
     base: TrainJobConfig  # the training config every trial starts from
@@ -139,7 +138,7 @@ class SearchOutcome:
     report_files: list[str]  # URIs of pareto.csv, pareto.md, pareto.png
 
 
-def prepare_search(search: SearchConfig, train_tree: dict[str, Any]) -> PreparedSearch:
+def prepare_search(search: SearchConfig, train_tree: dict[str, Any]) -> SearchPlan:
     """Every check that needs no cluster, and the trials' configurations; writes nothing but
     storage and MLflow probes. Raises MorphMLPError subclasses with one-line messages."""
     space = load_space(search.space)
@@ -179,7 +178,7 @@ def prepare_search(search: SearchConfig, train_tree: dict[str, Any]) -> Prepared
     trials = space.sample(base_arch, search.trials, seed=search.seed, max_gmacs=search.max_gmacs)
     num_train = len(prep.train_index)
     trees = {t.name: _trial_tree(base, t, root, search.experiment, num_train) for t in trials}
-    return PreparedSearch(search, space, base, name, root, trials, trees)
+    return SearchPlan(search, space, base, name, root, trials, trees)
 
 
 def _trial_tree(
@@ -207,7 +206,7 @@ def _trial_tree(
     return tree
 
 
-def run_search(prep: PreparedSearch, *, address: str | None = None) -> SearchOutcome:
+def run_search(prep: SearchPlan, *, address: str | None = None) -> SearchOutcome:
     """Run the search (or resume it: same name), then rank, plot and record the trials."""
     connect_ray(address)
     tune_dir = storage.join(prep.root, TUNE_DIR)
@@ -272,7 +271,7 @@ class EpochASHA(AsyncHyperBandScheduler):
 # Launch
 
 
-def concurrency(prep: PreparedSearch) -> int:
+def concurrency(prep: SearchPlan) -> int:
     """Trials at once: what the cluster's CPUs and GPUs fit (a trial needs its workers and its
     smallest train and validation decode pools), at most --max-concurrent."""
     cfg = prep.base
@@ -308,7 +307,7 @@ def concurrency(prep: PreparedSearch) -> int:
     return limit
 
 
-def _new_tuner(prep: PreparedSearch, trainable, parent_run_id: str, max_concurrent: int):
+def _new_tuner(prep: SearchPlan, trainable, parent_run_id: str, max_concurrent: int):
     search_info = {
         "root": prep.root,
         "parent_run_id": parent_run_id,
@@ -346,7 +345,7 @@ def _trial_name(trial) -> str:
     return trial.config["trial"]["name"]
 
 
-def _write_trial_files(prep: PreparedSearch) -> None:
+def _write_trial_files(prep: SearchPlan) -> None:
     for trial in prep.trials:
         trial_dir = storage.join(prep.root, TRIALS_DIR, trial.name)
         save_variant_file(trial.arch, storage.join(trial_dir, VARIANT_FILE))
@@ -354,7 +353,7 @@ def _write_trial_files(prep: PreparedSearch) -> None:
         storage.write_bytes_atomic(storage.join(trial_dir, CONFIG_FILE), text.encode())
 
 
-def _parent_run(prep: PreparedSearch, *, resume: bool) -> tuple[str, int]:
+def _parent_run(prep: SearchPlan, *, resume: bool) -> tuple[str, int]:
     """The search's MLflow run (created, or reopened on resume) and the number of trials."""
     marker = storage.join(prep.root, SEARCH_FILE)
     search = prep.search
@@ -408,7 +407,7 @@ def _parent_run(prep: PreparedSearch, *, resume: bool) -> tuple[str, int]:
 # Results
 
 
-def _finish(prep: PreparedSearch, grid, parent_run_id: str) -> SearchOutcome:
+def _finish(prep: SearchPlan, grid, parent_run_id: str) -> SearchOutcome:
     results = sorted((_trial_result(prep, r) for r in grid), key=lambda r: r.name)
     for result in results:
         _close_trial_run(prep, result, parent_run_id)
@@ -444,7 +443,7 @@ def _finish(prep: PreparedSearch, grid, parent_run_id: str) -> SearchOutcome:
     )
 
 
-def _trial_result(prep: PreparedSearch, result) -> report.TrialResult:
+def _trial_result(prep: SearchPlan, result) -> report.TrialResult:
     """One trial's outcome from Tune's last result (its config says which trial it was)."""
     spec = result.config["trial"]
     trial_dir = storage.join(prep.root, TRIALS_DIR, spec["name"])
@@ -476,7 +475,7 @@ def _trial_result(prep: PreparedSearch, result) -> report.TrialResult:
     )
 
 
-def _close_trial_run(prep: PreparedSearch, result: report.TrialResult, parent_run_id: str) -> None:
+def _close_trial_run(prep: SearchPlan, result: report.TrialResult, parent_run_id: str) -> None:
     """Cost, architecture and outcome on the trial's MLflow run. The runs of trials that ASHA
     stopped, or that failed, are still open (their training was cut off): they are ended here."""
     variant_uri = storage.join(prep.root, TRIALS_DIR, result.name, VARIANT_FILE)
@@ -501,7 +500,7 @@ def _close_trial_run(prep: PreparedSearch, result: report.TrialResult, parent_ru
         tracker.end("FAILED" if result.status == "failed" else "KILLED")
 
 
-def _write_best(prep: PreparedSearch, best: report.TrialResult) -> tuple[str, str]:
+def _write_best(prep: SearchPlan, best: report.TrialResult) -> tuple[str, str]:
     """best.yaml: the best trial's architecture; best_config.yaml: its training config, with
     the architecture taken from best.yaml, ready for `jobs/train.py --config best_config.yaml`."""
     trial_dir = storage.join(prep.root, TRIALS_DIR, best.name)

@@ -47,7 +47,7 @@ class LoadReport:
 
 def read_state_dict(uri: str) -> dict[str, Tensor]:
     """The model weights in a checkpoint file, unwrapped and without DDP's `module.` prefix."""
-    from morphmlp.data import storage  # pyarrow loads only when a file is read
+    from morphmlp import storage  # pyarrow loads only when a file is read
 
     source = storage.redact(uri)
     return unwrap_state_dict(torch_load(storage.read_bytes(uri), source), source=source)
@@ -95,7 +95,7 @@ def load_checkpoint(
     `inflate` ("center" or "mean", see `inflate_image_checkpoint`); a video checkpoint ignores it.
     """
     if isinstance(checkpoint, str):
-        from morphmlp.data.storage import redact
+        from morphmlp.storage import redact
 
         source = redact(checkpoint)
         state = read_state_dict(checkpoint)

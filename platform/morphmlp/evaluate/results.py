@@ -56,7 +56,7 @@ class PairResult:
         return self.tags.get(TAG_SKIP_REASON, "")
 
 
-class Ledger:
+class ResultsLedger:
     """The finished evaluation results in one MLflow store."""
 
     def __init__(self, uri: str | None = None, experiment: str = EVAL_EXPERIMENT):

@@ -12,7 +12,7 @@ import uuid
 
 import pyarrow as pa
 
-from morphmlp.data import storage
+from morphmlp import storage
 from morphmlp.data.errors import BadDataError
 from morphmlp.data.index import REJECTS_SCHEMA, write_rejects
 from morphmlp.errors import MorphMLPError

@@ -23,12 +23,11 @@ from typing import Any
 
 import torch
 
-from morphmlp import tracking
+from morphmlp import storage, tracking
 from morphmlp.config import from_dict
-from morphmlp.data import storage
 from morphmlp.errors import ConfigError, MorphMLPError
 from morphmlp.models import MorphMLPConfig, build_model, load_checkpoint, variant_config
-from morphmlp.models.checkpoint import CheckpointError, torch_load, unwrap_state_dict
+from morphmlp.models.weights import CheckpointError, torch_load, unwrap_state_dict
 
 MODEL_FILE = "model.pt"
 BEST_ARTIFACT = "checkpoints/best"
