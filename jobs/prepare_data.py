@@ -1,11 +1,8 @@
 """Build a video index (Parquet) from dataset annotations, probing every video on Ray.
 
     python jobs/prepare_data.py --from-folder videos/ --out videos/index.parquet
-    python jobs/prepare_data.py --from-kinetics-csv k400/train.csv k400/val.csv \
-        --video-root s3://bucket/k400/videos --out s3://bucket/k400/index.parquet
-    python jobs/prepare_data.py --from-ssv2 ssv2/something-something-v2-train.json \
-        ssv2/something-something-v2-validation.json --labels ssv2/something-something-v2-labels.json \
-        --video-root s3://bucket/ssv2/videos --out s3://bucket/ssv2/index.parquet
+    python jobs/prepare_data.py --from-kinetics-csv k400/train.csv k400/val.csv --video-root s3://bucket/k400/videos --out s3://bucket/k400/index.parquet
+    python jobs/prepare_data.py --from-ssv2 ssv2/something-something-v2-train.json ssv2/something-something-v2-validation.json --labels ssv2/something-something-v2-labels.json --video-root s3://bucket/ssv2/videos --out s3://bucket/ssv2/index.parquet
 
 Videos that can't be read go to a rejects CSV (uri, row, reason, error_type, detail), by default
 next to the index (<out without .parquet>.rejects.csv). Progress is logged with an ETA.
@@ -17,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from morphmlp.errors import MorphMLPError
+from morphmlp.errors import MorphMLPError, StorageError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,27 +62,34 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from morphmlp import storage
-    from morphmlp.data import index
+    from morphmlp.cluster import connect_ray
+    from morphmlp.data import builders, probe
 
     try:
+        # Where the index and the rejects go must be writable before a single video is probed.
+        for flag, uri in (("--out", args.out), ("--rejects", args.rejects)):
+            if uri:
+                try:
+                    storage.check_writable(storage.parent(uri))
+                except StorageError as err:
+                    raise StorageError(f"{flag} {storage.redact(uri)}: {err}") from err
         if args.from_folder:
-            candidates, class_names = index.build_index_from_folder(
+            candidates, class_names = builders.build_index_from_folder(
                 args.from_folder, split=args.split
             )
         elif args.from_ssv2:
-            candidates, class_names = index.build_index_from_ssv2(
+            candidates, class_names = builders.build_index_from_ssv2(
                 args.from_ssv2, args.labels, args.video_root, split=args.split
             )
         else:
-            names = index.load_class_names(args.labels) if args.labels else None
-            candidates, class_names = index.build_index_from_kinetics_csv(
+            names = builders.load_class_names(args.labels) if args.labels else None
+            candidates, class_names = builders.build_index_from_kinetics_csv(
                 args.from_kinetics_csv, args.video_root, class_names=names, split=args.split
             )
         started_ray = not ray.is_initialized()
-        if started_ray:
-            ray.init(address=args.address)
+        connect_ray(args.address)
         try:
-            prepared = index.prepare_index(
+            prepared = probe.prepare_index(
                 candidates,
                 class_names,
                 args.out,

@@ -1,8 +1,7 @@
 """Score every registered model version on every catalog benchmark it has no result for yet.
 
     python jobs/reevaluate.py                                   # benchmarks/catalog.yaml
-    ray job submit --working-dir . -- python jobs/reevaluate.py \
-        --catalog s3://bucket/benchmarks.yaml --output s3://bucket/leaderboard
+    ray job submit --working-dir . -- python jobs/reevaluate.py --catalog s3://bucket/benchmarks.yaml --output s3://bucket/leaderboard
 
 A result counts for the benchmark's current content hash and protocol only: a changed benchmark
 is re-run, an unchanged one never is. Killed midway, a re-run finishes only what is missing.
@@ -37,6 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--versions", nargs="+", metavar="N", help="only these registered versions (default: all)"
     )
     parser.add_argument(
+        "--promote",
+        metavar="BENCHMARK",
+        help="afterwards, move the registry alias `champion` to the version with the best "
+        "top-1 on this catalog benchmark",
+    )
+    parser.add_argument(
         "--list",
         action="store_true",
         help="print the catalog's benchmarks with their current content hashes, then exit",
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from morphmlp import tracking
     from morphmlp.evaluate.catalog import load_catalog, resolve_benchmark
     from morphmlp.evaluate.multiview import EvalConfig
-    from morphmlp.evaluate.schedule import reevaluate
+    from morphmlp.evaluate.schedule import check_promotable, promote, reevaluate
 
     try:
         catalog = load_catalog(args.catalog)
@@ -76,10 +81,13 @@ def main(argv: list[str] | None = None) -> int:
             model_actors=(1, args.model_actors),
             gpus_per_model_actor=args.gpus_per_actor,
         )
+        if args.promote:
+            check_promotable(catalog, args.promote)
         tracking.check_reachable(tracking.tracking_uri())
         report = reevaluate(
             catalog, output=args.output, cfg=cfg, versions=args.versions, address=args.address
         )
+        champion = promote(catalog, args.promote) if args.promote else None
     except MorphMLPError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -101,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"leaderboard: {args.output} ({'updated in MLflow' if report.leaderboard_logged else 'unchanged in MLflow'})"
     )
+    if champion:
+        version, top1 = champion
+        print(
+            f"champion: {tracking.REGISTERED_MODEL}@{tracking.ALIAS_CHAMPION} -> v{version} "
+            f"(top-1 {100 * top1:.1f}% on {args.promote})"
+        )
     return 1 if report.failed else 0
 
 

@@ -1,10 +1,11 @@
 """Train MorphMLP on Ray Train, tracked in MLflow.
 
     python jobs/train.py                                   # xs on the built-in demo videos
-    ray job submit -- python jobs/train.py --variant b --dataset s3://bucket/k400/index.parquet \
-        --workers 16 --gpus-per-worker 1 --storage s3://bucket/runs
+    ray job submit -- python jobs/train.py --variant b --dataset s3://bucket/k400/index.parquet --workers 16 --gpus-per-worker 1 --storage s3://bucket/runs
 
-Settings resolve as: the variant's recipe → --config YAML → flags (→ --set key=value).
+Settings resolve as: the variant's recipe → --config YAML → flags (→ --set key=value). A flag's
+value is taken as typed (`--name 007` is the run "007"); YAML is parsed only in --config files
+and --set values. --print-config prints the resolved config and exits.
 Re-running the same command resumes the run from its latest checkpoint.
 """
 
@@ -14,8 +15,9 @@ import argparse
 import logging
 import sys
 
+from morphmlp.config import set_key
 from morphmlp.errors import MorphMLPError
-from morphmlp.train.config import FLAGS, tree_from_cli
+from morphmlp.train.config import FLAGS, add_flags, tree_from_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -23,8 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", help="YAML file setting any config field")
-    for flag, (key, typ, text) in FLAGS.items():
-        parser.add_argument(f"--{flag.replace('_', '-')}", type=typ, help=f"{text} [{key}]")
+    add_flags(parser, FLAGS)
     parser.add_argument(
         "--grad-checkpointing",
         action="store_true",
@@ -47,6 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "must: fail if there is none; never: fail if there is one",
     )
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config as YAML and exit (starts no Ray, opens no MLflow)",
+    )
     return parser.parse_args(argv)
 
 
@@ -55,33 +61,42 @@ def config_tree(args: argparse.Namespace) -> dict:
     tree = tree_from_cli(args.config, flags, args.set)
     for key, value in (("compile", args.compile), ("grad_checkpointing", args.grad_checkpointing)):
         if value is not None:
-            tree.setdefault("model", {})[key] = value
+            tree = set_key(tree, f"model.{key}", value)
     return tree
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
-    from morphmlp import tracking
-    from morphmlp.cluster import connect_ray
+    from morphmlp.config import to_yaml
     from morphmlp.train.config import resolve_config
-    from morphmlp.train.trainer import prepare, run_training
 
     try:
-        prep = prepare(resolve_config(config_tree(args)), resume=args.resume)
+        cfg = resolve_config(config_tree(args))
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        from morphmlp.cluster import connect_ray
+        from morphmlp.train.driver import prepare, run_training
+
+        plan = prepare(cfg, resume=args.resume)
         connect_ray(args.address)
-        print(f"Checkpoints: {prep.run_dir}", flush=True)
-        outcome = run_training(prep)
+        print(f"Checkpoints: {plan.run_dir}", flush=True)
+        outcome = run_training(plan)
     except MorphMLPError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from morphmlp import tracking
+
     p = outcome.progress
+    done = "Already finished" if outcome.already_finished else "Done"
     print(
-        f"\nDone: {p.epoch} epochs, best val top-1 {100 * p.best_top1:.2f}% (epoch {p.best_epoch})"
+        f"\n{done}: {p.epoch} epochs, best val top-1 {100 * p.best_top1:.2f}% "
+        f"(epoch {p.best_epoch})"
     )
     print(f"Checkpoints:  {outcome.run_dir}")
     print(f"Best model:   {outcome.best_model_uri}")
-    if outcome.mlflow_run_id:
+    if outcome.mlflow_run_id and not outcome.already_finished:
         versions = ", ".join(f"{k} v{v}" for k, v in outcome.model_versions.items())
         print(f"MLflow run:   {outcome.mlflow_run_id} ({tracking.tracking_uri()})")
         print(f"Registered:   {tracking.REGISTERED_MODEL}: {versions or 'none'}")

@@ -2,12 +2,11 @@ r"""Search MorphMLP architectures with Ray Tune: every trial is a Ray Train run,
 laggards, the result is a Pareto front of (GMACs, val top-1) and the best variant file.
 
     python jobs/tune.py --trials 4 --epochs 3              # the default space, demo videos
-    ray job submit -- python jobs/tune.py --space my_space.yaml --dataset s3://b/k400.parquet \
-        --trials 32 --epochs 30 --workers 4 --gpus-per-worker 1 --storage s3://b/searches \
-        --objective top1-under-gmacs --gmacs-budget 40
+    ray job submit -- python jobs/tune.py --space my_space.yaml --dataset s3://b/k400.parquet --trials 32 --epochs 30 --workers 4 --gpus-per-worker 1 --storage s3://b/searches --objective top1-under-gmacs --gmacs-budget 40
 
 Training settings resolve as for jobs/train.py (the space's variant recipe → --config → flags →
---set); the search space decides the architecture. Under a GMACs budget, drawn configurations
+--set; a flag's value is taken as typed); the search space decides the architecture.
+--print-config prints the resolved search and base training config and exits. Under a GMACs budget, drawn configurations
 over it are rejected before anything trains. Re-running the same --name resumes the search
 (exit code 130 when it was interrupted). Then train the best configuration:
     python jobs/train.py --variant <storage>/<name>/best.yaml --config <...>/best_config.yaml
@@ -20,7 +19,7 @@ import logging
 import sys
 
 from morphmlp.errors import MorphMLPError
-from morphmlp.train.config import FLAGS, tree_from_cli
+from morphmlp.train.config import add_flags, tree_from_cli
 from morphmlp.tune.space import DEFAULT_SPACE
 
 # training flags every trial shares (the search space decides the architecture)
@@ -49,10 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", help="search name (default: tune-<space>-<dataset>)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the search-space draws")
     parser.add_argument("--config", help="training YAML every trial starts from")
-    for flag in TRAIN_FLAGS:
-        key, typ, text = FLAGS[flag]
-        text = "epochs per trial: ASHA's max_t" if flag == "epochs" else text
-        parser.add_argument(f"--{flag.replace('_', '-')}", type=typ, help=f"{text} [{key}]")
+    add_flags(parser, TRAIN_FLAGS, help={"epochs": "epochs per trial: ASHA's max_t"})
     parser.add_argument(
         "--set",
         action="append",
@@ -61,6 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="override a training config field, e.g. --set optim.batch_size=4",
     )
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved search and base training config as YAML and exit "
+        "(starts no Ray, opens no MLflow)",
+    )
     return parser.parse_args(argv)
 
 
@@ -72,7 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
     from morphmlp import storage, tracking
-    from morphmlp.tune.search import SearchConfig, SearchInterrupted, prepare_search, run_search
+    from morphmlp.config import to_yaml
+    from morphmlp.tune.search import (
+        SearchConfig,
+        SearchInterrupted,
+        base_config,
+        prepare_search,
+        run_search,
+    )
 
     try:
         search = SearchConfig(
@@ -86,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             name=args.name,
             seed=args.seed,
         )
+        if args.print_config:
+            _, base = base_config(search, train_tree(args))
+            print(to_yaml({"search": search, "train": base}), end="")
+            return 0
         prep = prepare_search(search, train_tree(args))
         print(f"Search {prep.name}: {len(prep.trials)} trials in {prep.root}", flush=True)
         outcome = run_search(prep, address=args.address)

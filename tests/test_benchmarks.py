@@ -3,10 +3,14 @@ not timed here: the figures in docs/benchmarks.md come from full runs."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,6 +46,61 @@ def test_benchmark_data_pipeline_prints_both_core_counts_and_memory(tmp_path):
     rates = [float(rate) for _, rate, _ in runs]
     assert median and abs(float(median[1]) - (rates[0] + rates[2]) / 2) < 0.011, out
     assert {p.name for p in tmp_path.iterdir()} >= {"h264-320p.mp4", "vp9-320p.webm"}
+
+
+@pytest.mark.slow
+def test_benchmark_data_json_on_a_folder_of_videos(tmp_path, make_video):
+    """--videos: any folder of videos (nested, H.264 and VP9); --json: the three figures and their
+    ratios. The torchcodec baseline is there when torchcodec is, and said to be missing when not."""
+    (tmp_path / "videos" / "sub").mkdir(parents=True)
+    make_video(str(tmp_path / "videos" / "a.mp4"), width=128, height=96, num_frames=60)
+    make_video(str(tmp_path / "videos" / "sub" / "b.webm"), codec="vp9", width=96, height=128)
+    (tmp_path / "videos" / "notes.txt").write_text("not a video")
+    out = _run(
+        "benchmark_data.py",
+        "--parts", "clips-per-cpu",
+        "--videos", str(tmp_path / "videos"),
+        "--clips", "1",
+        "--pipeline-warmup", "0",
+        "--pipeline-seconds", "1",
+        "--json", str(tmp_path / "figures.json"),
+        timeout=240,
+    )  # fmt: skip
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    assert figures["recipe"] == "configs/k400_s16.yaml"
+    assert [v["video"] for v in figures["footage"]] == ["a", "sub/b"]
+    assert [v["frames_per_keyframe"] for v in figures["footage"]] == [10, 10]
+    pipeline, single = (
+        figures["pipeline_clips_per_cpu_s"],
+        figures["single_process_clips_per_cpu_s"],
+    )
+    assert pipeline > 0 and single > 0, figures
+    assert figures["pipeline"]["clips"] > 0 and figures["pipeline"]["actor_cpu_s"] > 0
+    assert figures["pipeline"]["actor_pinned"] is True  # the VM has 2 cores
+    assert abs(figures["pipeline_over_single_process"] - pipeline / single) < 1e-9
+    assert figures["single_process"]["clips"] >= 2  # --clips per video
+    if importlib.util.find_spec("torchcodec") is None:
+        assert (
+            figures["baseline_clips_per_cpu_s"] is None
+            and figures["pipeline_over_baseline"] is None
+        )
+        assert "baseline: torchcodec is not installed" in out, out
+    else:
+        baseline = figures["baseline_clips_per_cpu_s"]
+        assert baseline > 0 and abs(figures["pipeline_over_baseline"] - pipeline / baseline) < 1e-9
+        assert re.search(r"pipeline / baseline [\d.]+x", out), out
+    assert re.search(r"pipeline [\d.]+ clips per decode-actor CPU-s", out), out
+
+
+def test_benchmark_data_refuses_a_folder_without_videos(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "benchmark_data.py"), "--videos", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert done.returncode == 2 and f"--videos {tmp_path}: no video files" in done.stderr
 
 
 def test_benchmark_model_cpu_prints_a_row_for_the_variant():

@@ -1,14 +1,28 @@
 """The cluster configs that can't be run here: the AWS launcher YAML (checked against the schema
 inside the ray package and Ray's own config validation), the KubeRay manifests (required fields,
 names/labels/selectors that must agree, resources, images, secrets, exposure), the Dockerfiles
-(install what pyproject.toml pins, bake in no secrets) and the re-evaluation crontab."""
+(install what pyproject.toml pins and what Ray's AWS autoscaler imports, bake in no secrets) and the
+re-evaluation schedules (crontab, CronJob): their leaderboard goes to an absolute destination,
+object storage by default, and the job writes it there when run as the image runs it (non-root,
+read-only application folder), with moto's S3 server and a real MLflow server standing in."""
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import json
+import os
 import re
 import shlex
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
 import tomllib
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -88,6 +102,47 @@ def test_aws_token_auth_image_and_mlflow_come_from_the_environment(aws):
     assert "RAY_AUTH_TOKEN" not in options
     assert urlparse(options["MLFLOW_TRACKING_URI"]).scheme == "http"
     assert aws["docker"]["image"] == PROJECT_IMAGE
+
+
+def _distribution(requirement: str) -> str:
+    return re.split(r"[\s\[<>=!~;(]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_aws_autoscaler_runs_in_an_image_with_what_the_aws_node_provider_imports(aws):
+    # With `docker:` the head's `ray start --autoscaling-config` runs inside the project image:
+    # the autoscaler launching the EC2 workers imports Ray's AWS node provider there.
+    assert aws["provider"]["type"] == "aws" and aws["docker"]["image"] == PROJECT_IMAGE
+    assert "--autoscaling-config" in " ".join(aws["head_start_ray_commands"])
+    provider = Path(ray.autoscaler.__file__).parent / "_private" / "aws"
+    imported = set()
+    for path in provider.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names}
+    assert "boto3" in third_party  # what the provider is made of; the rest must agree with it
+
+    # What the image installs: its `pip install` pins, the project's dependencies, and what
+    # each of those requires itself (as installed here, at the same pins).
+    lines = dockerfile(CLUSTER / "Dockerfile")
+    installed = {
+        _distribution(word)
+        for line in lines
+        if line.startswith("RUN pip install")
+        for word in shlex.split(line[4:])
+        if "==" in word
+    }
+    installed |= {_distribution(req) for req in PYPROJECT["project"]["dependencies"]}
+    for dist in list(installed):
+        for req in importlib.metadata.requires(dist) or []:
+            if "extra ==" not in req:
+                installed.add(_distribution(req))
+    module_dists = importlib.metadata.packages_distributions()
+    for module in third_party:
+        dists = {d.lower() for d in module_dists.get(module, [module])}
+        assert dists & installed, f"the AWS node provider imports {module}; the image lacks it"
 
 
 def test_aws_job_server_is_never_public(aws):
@@ -358,7 +413,12 @@ def test_project_image_installs_what_pyproject_declares():
     lines = dockerfile(CLUSTER / "Dockerfile")
     installs = [shlex.split(line[4:]) for line in lines if line.startswith("RUN pip install")]
     pins = dict(arg.split("==") for words in installs for arg in words if "==" in arg)
-    assert pins == {"torch": pinned("torch")}
+    # torch at pyproject.toml's pin; boto3 (for the AWS autoscaler) at the MLflow image's.
+    (mlflow_install,) = [
+        line for line in dockerfile(CLUSTER / "mlflow" / "Dockerfile") if "pip install" in line
+    ]
+    mlflow_pins = dict(w.split("==") for w in mlflow_install.split() if "==" in w)
+    assert pins == {"torch": pinned("torch"), "boto3": mlflow_pins["boto3"]}
     # The project itself, from its pyproject.toml, after the sources are in.
     project = next(i for i, line in enumerate(lines) if line.startswith("RUN pip install ."))
     copied = " ".join(line for line in lines[:project] if line.startswith("COPY "))
@@ -394,3 +454,245 @@ def test_crontab_submits_the_reevaluation_through_the_job_server():
         assert entrypoint[:2] == ["python", "jobs/reevaluate.py"]
         assert entrypoint[2] == "--catalog" and entrypoint[3]
         assert "flock" in words  # never two re-evaluations at once
+
+
+# ---------------------------------------------------------------------------------------------
+# The re-evaluation's leaderboard: where the schedules send it, and the job run as the image
+# runs it
+
+_K8S_REF = re.compile(r"\$\$\(|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+_REDIRECTION = re.compile(r"\d*[<>]")
+# The local-cluster example's shell variable, as cron's shell expands it before submitting.
+_CRON_HOME = "/home/someone"
+
+
+def k8s_expand(word: str, env: dict[str, str]) -> str:
+    """`$(NAME)` in a container's command, as Kubernetes expands it from the container's env
+    (`$$(` escapes; an undefined name stays as written)."""
+
+    def sub(match: re.Match) -> str:
+        if match.group(0) == "$$(":
+            return "$("
+        return env.get(match.group(1), match.group(0))
+
+    return _K8S_REF.sub(sub, word)
+
+
+def container_env(container: dict) -> dict[str, str]:
+    """A container's env values: literal, or from a ConfigMap in the manifests (Secrets left
+    out: they are never in the repository)."""
+    configmaps = {doc["metadata"]["name"]: doc.get("data", {}) for doc in of_kind("ConfigMap")}
+    env = {}
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = k8s_expand(var["value"], env)
+        elif "configMapKeyRef" in var["valueFrom"]:
+            ref = var["valueFrom"]["configMapKeyRef"]
+            env[var["name"]] = configmaps[ref["name"]][ref["key"]]
+    return env
+
+
+def reevaluation_entrypoints() -> dict[str, list[str]]:
+    """The command line each schedule runs as the Ray job: the CronJob's (its $(NAME)s expanded),
+    the crontab's AWS line, and its commented-out local-cluster example."""
+    (cron,) = of_kind("CronJob")
+    (submit,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    env = container_env(submit)
+    command = [k8s_expand(word, env) for word in submit["command"]]
+    entrypoints = {"kuberay": command[command.index("--") + 1 :]}
+    for line in (CLUSTER / "crontab.example").read_text().splitlines():
+        example = line.startswith("# ") and re.match(r"# [\d*]", line)
+        if not line.strip() or (line.startswith("#") and not example):
+            continue
+        words = shlex.split(line.removeprefix("# ").split(maxsplit=5)[5])
+        words = [w.replace("$HOME", _CRON_HOME) for w in words if not _REDIRECTION.match(w)]
+        entrypoint = words[words.index("--", words.index("submit")) + 1 :]
+        entrypoints["crontab-local-example" if example else "crontab-aws"] = entrypoint
+    return entrypoints
+
+
+def reevaluate_job():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reevaluate_job", REPO / "jobs" / "reevaluate.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+def test_every_schedule_writes_the_leaderboard_to_object_storage_or_an_absolute_path():
+    # The job runs in /app (root-owned; the image's user is uid 1000) or in an unpacked
+    # --working-dir (deleted after the job): a relative --output is unwritable or lost.
+    entrypoints = reevaluation_entrypoints()
+    assert set(entrypoints) == {"kuberay", "crontab-aws", "crontab-local-example"}
+    job = reevaluate_job()
+    for where, entrypoint in entrypoints.items():
+        assert entrypoint[:2] == ["python", "jobs/reevaluate.py"], where
+        assert "--output" in entrypoint, f"{where}: no --output, so the default {'leaderboard'!r}"
+        args = job.parse_args(entrypoint[2:])
+        for uri in (args.catalog, args.output):
+            assert urlparse(uri).scheme == "s3" or os.path.isabs(uri), f"{where}: {uri}"
+        if where != "crontab-local-example":  # clusters: object storage by default
+            assert urlparse(args.output).scheme == "s3" and urlparse(args.output).netloc, where
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1, as the cluster has one (empty registry)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    # Its own command line: the server is another machine's process in the cluster.
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                assert proc.poll() is None, "mlflow server exited"
+                time.sleep(0.5)
+        else:
+            raise AssertionError("mlflow server did not start")
+        yield uri
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+
+
+NOBODY = 65534
+
+
+def as_image_user() -> list[str]:
+    """The prefix that runs a command as a non-root user (the image runs as uid 1000): nobody
+    when the tests run as root, else the tests' own (non-root) user."""
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+
+def read_only_app(root: Path) -> Path:
+    """What cluster/Dockerfile copies into /app, copied into `root`/app, and read-only: no write
+    bit anywhere (for the owner either), owned by root when the tests run as root."""
+    app = root / "app"
+    for line in dockerfile(CLUSTER / "Dockerfile"):
+        if line.startswith("COPY "):
+            *sources, dest = line.split()[1:]
+            for source in sources:
+                target = app / dest / Path(source).name if dest.endswith("/") else app / dest
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if (REPO / source).is_dir():
+                    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+                    shutil.copytree(REPO / source, target, ignore=ignore)
+                else:
+                    shutil.copy(REPO / source, target)
+    for path in [app, *app.rglob("*")]:
+        mode = 0o555 if path.is_dir() else 0o444
+        path.chmod(mode)
+    return app
+
+
+def tree_state(folder: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size)
+        for p in folder.rglob("*")
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["kuberay", "crontab-aws"])
+def test_the_reevaluation_writes_its_leaderboard_as_the_image_runs_it(
+    where, s3_server, mlflow_server
+):
+    """The schedule's own command line, unchanged, as the Ray job driver runs it in the image:
+    a non-root user, in a read-only copy of /app, with the catalog and the leaderboard on S3
+    (moto's server at the URIs the configs name) and an empty model registry."""
+    import boto3
+
+    entrypoint = reevaluation_entrypoints()[where]
+    args = reevaluate_job().parse_args(entrypoint[2:])
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    catalog, output = urlparse(args.catalog), urlparse(args.output)
+    existing = {b["Name"] for b in s3.list_buckets()["Buckets"]}
+    for bucket in {catalog.netloc, output.netloc} - existing:
+        s3.create_bucket(Bucket=bucket)
+    s3.put_object(
+        Bucket=catalog.netloc, Key=catalog.path.lstrip("/"), Body=b"version: 1\nbenchmarks: []\n"
+    )
+    prefix = output.path.strip("/")
+    for name in ("leaderboard.md", "leaderboard.html"):
+        s3.delete_object(Bucket=output.netloc, Key=f"{prefix}/{name}")
+
+    # Not the pytest tmp_path: its parents are private to the tests' user.
+    root = Path(tempfile.mkdtemp(prefix="image-", dir="/tmp"))
+    try:
+        root.chmod(0o755)
+        app = read_only_app(root)
+        home = root / "home"  # the image user's home (/home/ray) is theirs to write
+        home.mkdir()
+        if os.geteuid() == 0:
+            os.chown(home, NOBODY, NOBODY)
+        env = {
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}/usr/bin:/bin",
+            "HOME": str(home),
+            # The installed package is the copy's (the image pip-installs /app's platform/).
+            "PYTHONPATH": str(app / "platform"),
+            "MLFLOW_TRACKING_URI": mlflow_server,
+            **{k: v for k, v in os.environ.items() if k.startswith("AWS_")},
+        }
+        user = as_image_user()
+        # `python` as PATH finds it, named in full: run by a PATH lookup as another user, this
+        # machine's venv interpreter (a link into root's home) can't locate its venv.
+        python = str(Path(sys.executable).parent / "python")
+        assert entrypoint[0] == "python"
+        # The user really can't write the application folder.
+        probe = subprocess.run(
+            [*user, python, "-c", "import os; open('probe', 'w')"],
+            cwd=app,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert probe.returncode != 0 and "PermissionError" in probe.stderr, probe.stderr
+        before = tree_state(app)
+
+        job = subprocess.run(
+            [*user, python, *entrypoint[1:]],
+            cwd=app,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-3000:]
+        # (MLflow's copy: new on the first run against this server, unchanged on the next.)
+        assert f"leaderboard: {args.output} (" in job.stdout, job.stdout
+        board = s3.get_object(Bucket=output.netloc, Key=f"{prefix}/leaderboard.md")
+        assert board["Body"].read().decode().startswith("# MorphMLP leaderboard")
+        s3.head_object(Bucket=output.netloc, Key=f"{prefix}/leaderboard.html")
+        assert tree_state(app) == before  # nothing written into /app
+    finally:
+        for path in [root, *root.rglob("*")]:
+            if path.is_dir() and not path.is_symlink():
+                path.chmod(stat.S_IRWXU)
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,6 +1,7 @@
 """cluster/local for real: up.sh starts a Ray head, a worker node and an MLflow server with token
-auth on; a job submitted with the token runs, one without it (or with a wrong one) is refused;
-down.sh leaves none of the started processes behind.
+auth on, every port of theirs bound to the loopback interface; a 2-worker training job submitted
+with the token runs with one Train worker on each node, one without it (or with a wrong one) is
+refused; down.sh leaves none of the started processes behind.
 
 Every process gets its own ports, state and temp dirs, so the test runs beside other Ray
 instances on the machine. The test's own environment is never changed: Ray reads RAY_AUTH_MODE
@@ -9,6 +10,7 @@ from it, and other tests start Ray in this process.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shlex
@@ -33,10 +35,14 @@ DOWN = REPO / "cluster" / "local" / "down.sh"
 VENV_BIN = Path(sys.executable).parent
 
 # The job submitted with the token, run from the repository root with `--working-dir .`: the
-# training job on a few demo videos, for one epoch, its decode actors asking for the "decode"
-# resource that up.sh gives the worker nodes (as the cluster configs do).
+# training job on a few demo videos, for one epoch, with 2 Train workers, its decode actors
+# asking for the "decode" resource that up.sh gives the worker nodes (as the cluster configs do).
+# 0.6 CPU per Train worker on nodes of 1 CPU: two can't share a node, so there is one on the head
+# and one on the worker node; the 0.4 left on each is for the decode actors (training pool on the
+# worker node, validation pool on the head).
 TRAIN_ARGS = (
-    "--variant xs --epochs 1 --batch-size 4 --cpus-per-worker 0.5 --set data.decode_resource=decode"
+    "--variant xs --epochs 1 --batch-size 4 --workers 2 --cpus-per-worker 0.6 "
+    "--set data.decode_resource=decode --set data.cpus_per_decode_actor=0.4"
 )
 HEAD_CPUS, WORKERS, WORKER_CPUS = 1, 1, 1
 
@@ -51,7 +57,7 @@ def check_job(output: str, mlflow_uri: str, index_uri: str) -> None:
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["dataset_uri"] == index_uri
-    assert run.data.params["world_size"] == "1" and run.data.params["model.variant"] == "xs"
+    assert run.data.params["world_size"] == "2" and run.data.params["model.variant"] == "xs"
     assert run.data.tags["variant"] == "xs" and run.data.tags["git_commit"]
     assert 0.0 <= run.data.metrics["val/top1"] <= 1.0
     assert run.data.metrics["train/clips_per_s"] > 0
@@ -118,6 +124,37 @@ def _survivors(tree: dict[int, float], *markers: str) -> list[str]:
     return left
 
 
+def _job_status(dashboard: str, token: str, submission_id: str) -> str:
+    return _get_json(f"{dashboard}/api/jobs/{submission_id}", token)["status"]
+
+
+def _state(dashboard: str, token: str, what: str) -> list[dict]:
+    """Rows of Ray's state API (dead actors included), as `ray list` shows them."""
+    reply = _get_json(f"{dashboard}/api/v0/{what}?detail=1&limit=10000", token)
+    return reply["data"]["result"]["result"]
+
+
+def _listeners(roots: list[int]) -> dict[tuple[str, int], str]:
+    """(address, port) -> command line, of every listening TCP socket of the processes up.sh
+    started and their descendants (Ray's GCS, raylets, agents, workers; MLflow's workers)."""
+    tree = _tree(roots)
+    found = {}
+    for conn in psutil.net_connections(kind="inet"):
+        if conn.status == psutil.CONN_LISTEN and conn.pid in tree:
+            try:
+                cmdline = " ".join(psutil.Process(conn.pid).cmdline())
+            except psutil.NoSuchProcess:
+                continue
+            found[(conn.laddr.ip, conn.laddr.port)] = cmdline[:150]
+    return found
+
+
+def _is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, a dual-stack socket
+    return (mapped or address).is_loopback
+
+
 def _listening_hosts(port: int) -> set[str]:
     return {
         conn.laddr.ip
@@ -127,7 +164,7 @@ def _listening_hosts(port: int) -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(900)
 def test_local_cluster_token_auth_and_clean_shutdown(tmp_path, s3_bucket, tiny_demo_index):
     import boto3
     import mlflow
@@ -173,12 +210,63 @@ def test_local_cluster_token_auth_and_clean_shutdown(tmp_path, s3_bucket, tiny_d
         # The job server and MLflow listen on the loopback interface only.
         assert _listening_hosts(ports["DASHBOARD"]) == {"127.0.0.1"}
         assert _listening_hosts(ports["MLFLOW"]) == {"127.0.0.1"}
+        roots = [int(p.read_text().split()[0]) for p in (state_dir / "pids").glob("*.pid")]
+        assert len(roots) == 1 + WORKERS + 1  # head, workers, MLflow
 
+        # The training job, watched while it runs: the sockets of every process of the cluster,
+        # Train workers and decode actors included, are sampled until it ends.
         train = f"python jobs/train.py {TRAIN_ARGS} --dataset {tiny_demo_index} "
         train += f"--storage {tmp_path / 'runs'}"
-        job = _submit(client_env, "--working-dir", ".", "--", *shlex.split(train))
+        train_id = f"train-{uuid.uuid4().hex[:8]}"
+        job = _submit(
+            client_env,
+            "--no-wait",
+            f"--submission-id={train_id}",
+            "--working-dir",
+            ".",
+            "--",
+            *shlex.split(train),
+        )
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        check_job(job.stdout, mlflow_uri, tiny_demo_index)
+        listening = _listeners(roots)
+        while (status := _job_status(dashboard, token, train_id)) in {"PENDING", "RUNNING"}:
+            listening |= _listeners(roots)
+            time.sleep(1)
+        logs = _get_json(f"{dashboard}/api/jobs/{train_id}/logs", token)["logs"]
+        assert status == "SUCCEEDED", logs[-3000:]
+        check_job(logs, mlflow_uri, tiny_demo_index)
+
+        # One Train worker on each node: the head and the worker node.
+        nodes = {node["node_id"] for node in _state(dashboard, token, "nodes")}
+        assert len(nodes) == 1 + WORKERS
+        train_workers = [
+            a for a in _state(dashboard, token, "actors") if a["class_name"] == "RayTrainWorker"
+        ]
+        assert len(train_workers) == 2, train_workers
+        assert {a["node_id"] for a in train_workers} == nodes
+
+        # No port of the cluster is open beyond this machine: not on 0.0.0.0 or ::, nor on any
+        # other interface. What was sampled includes Ray's C++ servers and the Train workers.
+        # One exception, not Ray's: PyTorch's TCPStore, the DDP rendezvous that rank 0 serves at
+        # MASTER_ADDR:MASTER_PORT, listens on all interfaces (torch 2.14 has no setting for its
+        # address, and Ray Train's TorchConfig none either).
+        exposed = {
+            f"{ip}:{port}": cmd for (ip, port), cmd in listening.items() if not _is_loopback(ip)
+        }
+        tcp_store = {k: cmd for k, cmd in exposed.items() if "ray::RayTrainWorker" in cmd}
+        assert len(tcp_store) <= 1, tcp_store
+        assert exposed.keys() - tcp_store.keys() == set(), exposed
+        ports_seen = {port for _, port in listening}
+        assert {ports["RAY"], ports["CLIENT"], ports["DASHBOARD"], ports["MLFLOW"]} <= ports_seen
+        commands = " ".join(listening.values())
+        for process in (
+            "gcs_server",
+            "raylet",
+            "DashboardAgent",
+            "RuntimeEnvAgent",
+            "RayTrainWorker",
+        ):
+            assert process in commands, sorted(listening.values())
 
         refused = _submit(bare_env, "--", "python", "-c", "print('ran without a token')")
         assert refused.returncode != 0
@@ -224,8 +312,6 @@ def test_local_cluster_token_auth_and_clean_shutdown(tmp_path, s3_bucket, tiny_d
         _wait_running(dashboard, token, marker)
         assert _survivors({}, marker), "the sleeping job's driver should be running"
 
-        roots = [int(p.read_text().split()[0]) for p in (state_dir / "pids").glob("*.pid")]
-        assert len(roots) == 1 + WORKERS + 1  # head, workers, MLflow
         tree = _tree(roots)
         assert len(tree) > 10  # GCS, raylets, dashboard, agents, workers, MLflow's children
     finally:

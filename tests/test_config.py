@@ -5,7 +5,19 @@ from typing import Literal
 
 import pytest
 
-from morphmlp.config import apply_overrides, flatten, from_dict, merge, to_dict
+from morphmlp.config import (
+    apply_overrides,
+    check_at_least,
+    check_positive,
+    check_range,
+    flatten,
+    from_dict,
+    load_yaml,
+    merge,
+    set_key,
+    to_dict,
+    to_yaml,
+)
 from morphmlp.errors import ConfigError
 
 
@@ -56,3 +68,41 @@ def test_overrides_parse_yaml_values_and_merge_wins():
     assert flatten({"a": {"b": 1}, "c": 2}) == {"a.b": 1, "c": 2}
     with pytest.raises(ConfigError, match="not of the form key=value"):
         apply_overrides({}, ["nonsense"])
+
+
+def test_set_key_keeps_a_typed_value_as_given_and_to_yaml_round_trips(tmp_path):
+    tree = set_key({"inner": {"rate": 1.0}}, "name", "2025-06-01")
+    tree = set_key(tree, "inner.mode", "b")
+    assert tree == {"inner": {"rate": 1.0, "mode": "b"}, "name": "2025-06-01"}
+    cfg = from_dict(Outer, tree)
+    (tmp_path / "c.yaml").write_text(to_yaml(cfg))
+    assert from_dict(Outer, load_yaml(str(tmp_path / "c.yaml"))) == cfg  # still a string
+    with pytest.raises(ConfigError, match=r"name\.x: 'name' is not a section"):
+        set_key(tree, "name.x", 1)
+
+
+@dataclass
+class Limits:
+    size: int = 1
+    share: float = 0.5
+    extra: int | None = None
+
+
+@pytest.mark.parametrize(
+    ("check", "message"),
+    [
+        (lambda c: check_positive("limits", c, "size"), "limits.size=0 must be > 0"),
+        (
+            lambda c: check_at_least("", c, 1, "extra", optional=True),
+            r"^extra=0 must be >= 1 or null$",
+        ),
+        (
+            lambda c: check_range("limits", c, "share", 0, 1, high_open=True),
+            r"limits.share=1.0 must be in \[0, 1\)",
+        ),
+    ],
+)
+def test_check_rules_name_the_key_the_value_and_the_rule(check, message):
+    check(Limits())  # the defaults pass
+    with pytest.raises(ConfigError, match=message):
+        check(Limits(size=0, share=1.0, extra=0))

@@ -47,7 +47,7 @@ def test_from_yaml_mapping_round_trips():
         ("test_scale", 100, "data.test_scale"),
         ("decode_actors", (3, 2), "data.decode_actors"),
         ("cpus_per_decode_actor", 0.0, "data.cpus_per_decode_actor"),
-        ("decode_resource", "CPU", "data.decode_resource: 'CPU'.*custom Ray resource"),
+        ("decode_resource", "CPU", "data.decode_resource='CPU' must be .*custom Ray resource"),
         ("decode_resource", "", "data.decode_resource"),
         ("max_bad_fraction", 2.0, "data.max_bad_fraction"),
     ],

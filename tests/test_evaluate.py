@@ -449,6 +449,26 @@ def test_reevaluation_scores_only_missing_pairs(store, bench_index, ray_session,
     assert "nothing to do: 4 pairs already have results" in capsys.readouterr().out
     assert len(_eval_runs(store)) == 4
 
+    # An unknown version or benchmark stops the job before any work, naming what exists.
+    assert reevaluate.main([*argv, "--versions", "abc"]) == 2
+    assert "'abc' is not a registered version of morphmlp (registered: 1, 2)" in (
+        capsys.readouterr().err
+    )
+    assert reevaluate.main([*argv, "--promote", "nope"]) == 2
+    assert "'nope' is not a benchmark of the catalog (a, b)" in capsys.readouterr().err
+    assert len(_eval_runs(store)) == 4
+    # --promote moves `champion` to the best version on that benchmark.
+    top1 = {
+        r.data.tags["model_version"]: r.data.metrics["top1"]
+        for r in runs
+        if r.data.tags["benchmark"] == "b"
+    }
+    best = max(top1, key=lambda v: (top1[v], int(v)))
+    assert reevaluate.main([*argv, "--promote", "b"]) == 0
+    assert f"champion: morphmlp@champion -> v{best}" in capsys.readouterr().out
+    champion = mlflow.MlflowClient(store).get_model_version_by_alias("morphmlp", "champion")
+    assert str(champion.version) == best
+
     # A third benchmark with a partial label overlap runs only its pairs; benchmarks that can't
     # be scored are reported one line each: no shared class and frames the network isn't built
     # for are recorded as skipped; an index that changed under its pinned hash is not recorded.

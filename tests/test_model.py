@@ -27,6 +27,7 @@ from morphmlp.models import (
     variant_config,
 )
 from morphmlp.models.morphmlp import MorphFCs, MorphFCt
+from morphmlp.models.weights import load_checkpoint
 
 # A small but complete architecture: four stages, every branch, planes 12², 6², 3², 2².
 TINY = MorphMLPConfig(
@@ -157,18 +158,68 @@ def test_temporal_inits_make_blocks_start_spatial_only(init):
     assert torch.all(block.t_fc.proj.weight == (1 if init == "release" else 0))
 
 
-def test_only_zero_proj_gives_the_temporal_branch_a_gradient_at_init():
-    # The release's init outputs a vector uniform over channels; the LayerNorm of the spatial
-    # branch removes it, so mlp_t's gradient is float noise and proj's is zero (its input is 0).
-    # zero_proj's proj gets a real gradient, and through it mlp_t from the next step on.
-    grads = {}
+def test_the_temporal_init_changes_no_output_at_init():
+    # Both inits draw every weight in the same order, then set MorphFC_t so that it outputs 0:
+    # from one seed the two networks compute the same function, bit for bit, and so do two
+    # networks inflated from one image checkpoint (whose outputs inflation keeps).
+    x = _clip(TINY)
+    image = build_model(dataclasses.replace(TINY, num_frames=1))
+    torch.nn.init.normal_(image.blocks1[0].fc.proj.weight)  # not an init either model has
+    logits = {}
     for init in ("release", "zero_proj"):
+        cfg = dataclasses.replace(TINY, temporal_init=init)
         torch.manual_seed(0)
-        model = build_model(dataclasses.replace(TINY, temporal_init=init, drop_path_rate=0.0))
-        model(torch.randn(2, 3, 4, 48, 48)).logsumexp(dim=1).sum().backward()
-        t_fc = model.blocks1[0].t_fc
-        grads[init] = max(t_fc.mlp_t.weight.grad.abs().max(), t_fc.proj.weight.grad.abs().max())
-    assert grads["release"] * 1e4 < grads["zero_proj"], grads  # noise against a signal
+        scratch = build_model(cfg).eval()
+        inflated = build_model(cfg).eval()
+        load_checkpoint(inflated, image.state_dict(), inflate="center")
+        with torch.no_grad():
+            logits[init] = (scratch(x), inflated(x))
+    assert torch.equal(logits["release"][0], logits["zero_proj"][0])
+    assert torch.equal(logits["release"][1], logits["zero_proj"][1])
+    assert not torch.equal(logits["zero_proj"][0], logits["zero_proj"][1])
+
+
+def _temporal_gradients(init: str, steps: int = 2) -> list[dict[str, list[float]]]:
+    """Per step of AdamW (the training optimizer), the largest |gradient| of mlp_t and of proj in
+    every MorphFC_t of the network."""
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(TINY, temporal_init=init, drop_path_rate=0.0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = _clip(TINY, batch=4, seed=1), torch.tensor([0, 1, 2, 3])
+    branches = [m for m in model.modules() if isinstance(m, MorphFCt)]
+    steps_seen = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        steps_seen.append(
+            {
+                name: [getattr(m, name).weight.grad.abs().max().item() for m in branches]
+                for name in ("mlp_t", "proj")
+            }
+        )
+        optimizer.step()
+    return steps_seen
+
+
+def test_only_zero_proj_gives_the_temporal_branch_a_gradient_at_init():
+    # The release's init: a change of mlp_t moves all channels of proj's output alike (proj = 1),
+    # which the spatial branch's LayerNorm removes, so mlp_t's gradient is float noise, and
+    # proj's is zero (its input mlp_t(x) is 0). zero_proj: proj gets a real gradient at once,
+    # mlp_t (exactly 0 while proj = 0) from the second step on. In every block.
+    release, zero_proj = _temporal_gradients("release"), _temporal_gradients("zero_proj")
+    noise = [max(step["mlp_t"]) for step in release]  # 1e-11 measured
+    assert max(release[0]["proj"]) == 0
+    assert max(zero_proj[0]["mlp_t"]) == 0
+    assert min(zero_proj[0]["proj"]) > 1e3 * noise[0], (zero_proj, release)  # 4e-6 measured
+    assert min(zero_proj[1]["mlp_t"]) > 1e3 * noise[1], (zero_proj, release)  # 3e-7 measured
+
+
+def test_training_starts_from_the_init_that_learns():
+    # Training from scratch or from inflated image weights builds the variant as registered;
+    # a trained checkpoint (the release's, tests/test_model_release.py) replaces MorphFC_t.
+    assert MorphMLPConfig().temporal_init == "zero_proj"
+    for name in list_models():
+        assert variant_config(name).temporal_init == "zero_proj", name
 
 
 # --- configuration ----------------------------------------------------------------------------

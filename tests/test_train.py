@@ -55,6 +55,31 @@ def test_global_batch_scales_lr_and_sets_steps_per_epoch():
         steps_per_epoch(20, cfg)
 
 
+def test_one_factory_for_variant_names_search_files_and_pretrained_inflation(tmp_path):
+    """Training's model door: a variant YAML written by the search, overridden like a name; an
+    image checkpoint as `pretrained` is inflated (center), as the workers do it."""
+    from morphmlp.models import build_model, save_variant_file, variant_config
+    from morphmlp.models.factory import create_model, model_config
+    from morphmlp.train.config import ModelConfig
+
+    searched = variant_config("xs", depths=(1, 1, 1, 1), num_classes=6)
+    save_variant_file(searched, str(tmp_path / "variant.yaml"))
+    assert model_config(str(tmp_path / "variant.yaml")) == searched
+    section = ModelConfig(variant=str(tmp_path / "variant.yaml"), num_frames=16)
+    model = create_model(section.variant, num_classes=3, **section.factory_kwargs())
+    assert (model.cfg.depths, model.cfg.num_frames, model.cfg.num_classes) == ((1, 1, 1, 1), 16, 3)
+    with pytest.raises(ConfigError, match=r"variant\.yaml: num_frames: expected an integer"):
+        model_config(str(tmp_path / "variant.yaml"), num_frames="many")
+
+    image = build_model(variant_config("xs_image", num_classes=6))
+    torch.save(image.state_dict(), tmp_path / "image.pt")
+    video = create_model("xs", num_classes=6, pretrained=str(tmp_path / "image.pt"))
+    kernel_2d = image.state_dict()["patch_embed1.proj1.weight"]
+    kernel_3d = video.state_dict()["patch_embed1.proj1.weight"]
+    torch.testing.assert_close(kernel_3d[:, :, kernel_3d.shape[2] // 2], kernel_2d)
+    assert not kernel_3d[:, :, 0].any()  # "center": the other frames start at zero
+
+
 def test_checkpoint_roundtrip_and_export_loads_strictly(tmp_path):
     from morphmlp.models import create_model, load_checkpoint
 
@@ -108,6 +133,10 @@ def _run_train(*args: str, env: dict | None = None, timeout: int = 120):
         (["--storage", "/proc/no-write"], {}, "/proc/no-write"),
         ([], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, "MLflow server http://127.0.0.1:9"),
         (["--address", "127.0.0.1:9"], {}, "can't connect to the Ray cluster at 127.0.0.1:9"),
+        (["--frames", "1"], {}, "model: 1 frames at 112x112 (--frames, --img-size) don't run"),
+        # requests the local cluster (this machine's CPUs, no GPU, no autoscaler) can never meet
+        (["--gpus-per-worker", "1"], {}, "need 1 CPU, 1 GPU each"),
+        (["--workers", "64"], {}, "64 training worker(s) need"),
     ],
 )
 def test_bad_input_fails_with_one_line_before_any_worker(
@@ -127,7 +156,7 @@ def _committed_step(run_dir: str) -> int:
     snapshot while we poll, so a read may catch it half-written: that counts as not yet."""
     from ray.train.v2._internal.exceptions import CheckpointManagerInitializationError
 
-    from morphmlp.train.trainer import latest_progress
+    from morphmlp.train.resume import latest_progress
 
     try:
         progress = latest_progress(run_dir)
@@ -166,7 +195,7 @@ def test_worker_and_driver_failures_resume_from_s3_checkpoints(
 ):
     import mlflow
 
-    from morphmlp.train.trainer import latest_progress
+    from morphmlp.train.resume import latest_progress
 
     bucket = s3_bucket.removeprefix("s3://")
     storage = f"{s3_bucket}/runs"
@@ -278,7 +307,7 @@ def test_worker_and_driver_failures_resume_from_s3_checkpoints(
 
 
 def test_a_cut_off_ray_snapshot_is_reported_by_name(tmp_path):
-    from morphmlp.train.trainer import RAY_SNAPSHOT_FILE, latest_progress
+    from morphmlp.train.resume import RAY_SNAPSHOT_FILE, latest_progress
 
     assert latest_progress(str(tmp_path)) is None  # no snapshot: a fresh run
     (tmp_path / RAY_SNAPSHOT_FILE).write_text('{"ray_version": "2.60.0", "checkpoint_res')
@@ -295,7 +324,7 @@ def test_a_broken_snapshot_is_set_aside_and_the_run_continues_from_a_complete_ch
     """A crash while Ray Train rewrites its snapshot (or, on moto's S3, a killed PUT) leaves a
     file Ray can't start from. Re-running sets it aside and resumes from the newest checkpoint
     folder that is whole, skipping one cut short."""
-    from morphmlp.train.trainer import RAY_SNAPSHOT_FILE, latest_progress
+    from morphmlp.train.resume import RAY_SNAPSHOT_FILE, latest_progress
 
     runs = tmp_path / "runs"
     args = [
@@ -321,3 +350,136 @@ def test_a_broken_snapshot_is_set_aside_and_the_run_continues_from_a_complete_ch
     assert re.search(r"resumed at epoch 1, step 10\b", output), output[-3000:]
     assert [p.name.split(".broken-")[0] for p in run_dir.glob("*.broken-*")] == [RAY_SNAPSHOT_FILE]
     assert latest_progress(str(run_dir)).step == 12  # trained steps 11-12 again, and finished
+
+
+def _with_a_missing_training_video(index_uri: str, folder: Path) -> str:
+    import pyarrow as pa
+
+    from morphmlp.data.index import VideoIndex, read_index, write_index
+
+    index = read_index(index_uri)
+    uris = index.table["uri"].to_pylist()
+    first_train = index.table["split"].to_pylist().index("train")
+    uris[first_train] = str(folder / "gone.mp4")
+    table = index.table.set_column(index.table.column_names.index("uri"), "uri", pa.array(uris))
+    out = str(folder / "index.parquet")
+    write_index(VideoIndex(table, index.class_names), None, out)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_run_resumed_on_another_world_size_continues_at_its_sample_and_runs_every_epoch(
+    tiny_demo_index, tmp_path
+):
+    """1 worker for an epoch, then 2 workers (global batch 4 -> 8) to epoch 2, then 1 again to
+    epoch 3: every epoch is validated once, the run ends at the right sample, the bad-data
+    ledger counts its one missing video once across the attempts, and re-running the finished
+    run writes nothing."""
+    import json
+
+    import mlflow
+
+    from morphmlp.train.resume import latest_progress
+
+    index = _with_a_missing_training_video(tiny_demo_index, tmp_path)
+    runs, name = tmp_path / "runs", "ws"
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    base = [
+        *("--dataset", index, "--storage", str(runs), "--name", name, "--batch-size", "4"),
+        *("--cpus-per-worker", "0.5", "--set", "data.max_bad_fraction=0.1"),
+        *("--set", "run.log_every_steps=1"),
+    ]
+
+    def train(*args: str):
+        result = _run_train(*base, *args, env=env, timeout=400)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout + result.stderr
+
+    train("--epochs", "1", "--workers", "1")  # 24 videos / 4: 6 steps
+    assert latest_progress(str(runs / name)).position == 24
+    out = train("--epochs", "2", "--workers", "2")  # global batch 8: 3 more steps
+    assert "Resuming run ws from step 6/9 (epoch 1, sample 24/48)" in out, out[-3000:]
+    assert "The global batch is now 8 (was 4)" in out
+    out = train("--epochs", "3", "--workers", "1")
+    assert "from step 9/15 (epoch 2, sample 48/72)" in out, out[-3000:]
+    done = latest_progress(str(runs / name))
+    assert (done.step, done.epoch, done.position, done.global_batch) == (15, 3, 72, 4)
+
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("morphmlp-demo").experiment_id])
+    run_id = run.info.run_id
+    epochs = sorted(int(m.value) for m in client.get_metric_history(run_id, "epoch"))
+    assert epochs == [1, 2, 3]  # each epoch validated once, none skipped
+    world = {m.step: m.value for m in client.get_metric_history(run_id, "train/world_size")}
+    assert world[6] == 1 and world[9] == 2 and world[15] == 1
+    assert run.data.tags["world_size"] == "1" and run.data.tags["global_batch"] == "4"
+    # The learning rate is a function of the sample position, for the global batch in force
+    # (linear scaling) and the epochs the attempt runs: the step at position p used lr_at(p).
+    from morphmlp.train import optim
+
+    lr = {m.step: m.value for m in client.get_metric_history(run_id, "train/lr")}
+    attempts = [(range(1, 7), 1, 4), (range(7, 10), 2, 8), (range(10, 16), 3, 4)]
+    position = 0
+    for steps, epochs, gb in attempts:
+        for step in steps:
+            want = optim.lr_at(
+                position,
+                base_lr=1e-3 * gb / 16,  # the xs recipe: lr 1e-3 at a batch of 16
+                total_steps=epochs * 24,
+                warmup_steps=24,
+                warmup_start_lr=1e-6,
+                min_lr=1e-6,
+            )
+            assert lr[step] == pytest.approx(want, rel=1e-6), (step, position)
+            position += gb
+    bad = [m.value for m in client.get_metric_history(run_id, "data/train_bad_videos")]
+    assert bad == [1.0, 1.0, 1.0]  # counted once, across the attempts
+    states = json.loads((runs / name / "bad_data.json").read_text())
+    assert [r["uri"] for r in states["train"]["bad"]] == [str(tmp_path / "gone.mp4")]
+
+    # Finished: a re-run says so and writes nothing (no metric, no version, no artifact).
+    versions = client.search_model_versions(f"run_id='{run_id}'")
+    before = client.get_run(run_id).data.metrics
+    out = train("--epochs", "3", "--workers", "1")
+    assert "Run ws is finished (3 epochs" in out and "Resuming" not in out
+    assert client.get_run(run_id).data.metrics == before
+    assert len(client.search_model_versions(f"run_id='{run_id}'")) == len(versions)
+    aliases = client.get_registered_model("morphmlp").aliases
+    assert set(aliases) >= {"best", "latest"}
+    assert str(aliases["latest"]) in {v.version for v in versions if v.tags["kind"] == "final"}
+
+
+def test_a_run_stopped_for_bad_data_is_not_continued_unless_the_threshold_is_raised(
+    tiny_demo_index, tmp_path, caplog
+):
+    """What the ledgers found lives in the run folder: a re-run reads it before any work."""
+    import json
+
+    from morphmlp.data.errors import BadDataError
+    from morphmlp.train.driver import prepare
+
+    runs = tmp_path / "runs"
+    (runs / "bd").mkdir(parents=True)
+    bad = [
+        {"uri": f"s3://b/v{i}.mp4", "row": i, "reason": "missing", "error_type": "x", "detail": ""}
+        for i in range(5)
+    ]
+    state = {"bad": bad, "seen": [f"s3://b/v{i}.mp4" for i in range(20)]}
+    (runs / "bd" / "bad_data.json").write_text(
+        json.dumps({"stopped": True, "max_bad_fraction": 0.01, "train": state})
+    )
+    tree = {"dataset": tiny_demo_index, "run": {"storage": str(runs), "name": "bd"}}
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    with pytest.raises(BadDataError) as err:
+        prepare(resolve_config(tree))
+    message = str(err.value)
+    assert "5 of 20 train videos (25.00%)" in message and "data.max_bad_fraction=1.00%" in message
+    assert "s3://b/v0.mp4 (missing), s3://b/v1.mp4 (missing), s3://b/v2.mp4 (missing)" in message
+    assert f"{runs}/bd/bad_data_train.csv" in message
+
+    tree["data"] = {"max_bad_fraction": 0.3}
+    with caplog.at_level("WARNING", logger="morphmlp.train"):
+        plan = prepare(resolve_config(tree))
+    assert plan.run_name == "bd"
+    assert "data.max_bad_fraction is now 30.00%, so it continues" in caplog.text

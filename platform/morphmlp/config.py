@@ -1,8 +1,13 @@
 """Typed dataclass configs: a YAML file may set any field, CLI overrides win, unknown keys fail.
 
 Every job's configuration is a tree of dataclasses whose defaults are the release's recipe. This
-module turns plain mappings (YAML, `--set a.b=value` flags) into those dataclasses with type
-checks, so an invalid config fails before any work starts and names the key and what it allows.
+module turns plain mappings into those dataclasses with type checks, so an invalid config fails
+before any work starts and names the key and what it allows. YAML is parsed in two places only:
+`load_yaml` (a --config file) and `apply_overrides` (`--set a.b=value`); a typed flag's value goes
+into the tree as it is (`set_key`), so `--name 007` is the string "007".
+
+The `check_*` helpers are the one way a config section declares its value rules in
+`__post_init__`; every message names the key, its value and the rule.
 """
 
 from __future__ import annotations
@@ -51,6 +56,11 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def to_yaml(obj: Any) -> str:
+    """A config tree (or dataclass) as YAML that `load_yaml` reads back to the same values."""
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}: the form MLflow params take."""
     flat: dict[str, Any] = {}
@@ -91,13 +101,23 @@ def apply_overrides(tree: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
             value = yaml.safe_load(raw)
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
-        node = result
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = value
+        try:
+            result = set_key(result, key, value)
+        except ConfigError as err:
+            raise ConfigError(f"override {item!r}: {err}") from err
+    return result
+
+
+def set_key(tree: Mapping[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of `tree` with dotted `key` set to `value` as given (a typed flag: no parsing)."""
+    result = _deepcopy(tree)
+    node = result
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part!r} is not a section")
+    node[parts[-1]] = value
     return result
 
 
@@ -110,6 +130,46 @@ def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
         else:
             result[key] = _deepcopy(value)
     return result
+
+
+# -- value rules, declared in each section's __post_init__ -------------------------------------
+
+
+def check(section: str, obj: Any, name: str, ok: bool, rule: str) -> None:
+    """Raise `<section>.<name>=<value> must be <rule>` unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{_join(section, name)}={getattr(obj, name)!r} must be {rule}")
+
+
+def check_positive(section: str, obj: Any, *names: str) -> None:
+    """Each named field is a number > 0."""
+    for name in names:
+        check(section, obj, name, _number(getattr(obj, name)) and getattr(obj, name) > 0, "> 0")
+
+
+def check_at_least(
+    section: str, obj: Any, minimum: float, *names: str, optional: bool = False
+) -> None:
+    """Each named field is a number >= `minimum` (or None, when `optional`)."""
+    rule = f">= {minimum}" + (" or null" if optional else "")
+    for name in names:
+        value = getattr(obj, name)
+        if optional and value is None:
+            continue
+        check(section, obj, name, _number(value) and value >= minimum, rule)
+
+
+def check_range(
+    section: str, obj: Any, name: str, low: float, high: float, *, high_open: bool = False
+) -> None:
+    """The named field is a number in [low, high] (or [low, high) with `high_open`)."""
+    value = getattr(obj, name)
+    within = _number(value) and low <= value and (value < high if high_open else value <= high)
+    check(section, obj, name, within, f"in [{low:g}, {high:g}{')' if high_open else ']'}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _deepcopy(tree: Any) -> Any:

@@ -26,10 +26,6 @@ def is_uri(path: str) -> bool:
     return bool(_SCHEME.match(path))
 
 
-def is_local(uri: str) -> bool:
-    return not is_uri(uri) or uri.startswith("file://")
-
-
 def join(base: str, *parts: str) -> str:
     """Join path segments onto a URI or local path."""
     if is_uri(base):
@@ -105,14 +101,6 @@ def exists(uri: str) -> bool:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
     except OSError as err:
         raise StorageError(f"{redact(uri)}: can't reach storage ({err})") from err
-
-
-def file_size(uri: str) -> int:
-    fs, path = resolve(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise StorageError(f"{redact(uri)}: no such file")
-    return int(info.size or 0)
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:

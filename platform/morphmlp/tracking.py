@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -39,7 +41,6 @@ def tracking_uri() -> str:
 
 def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
     """Fail fast with one line if the tracking store can't be used."""
-    import mlflow
 
     if uri.startswith(("http://", "https://")):
         import urllib.request
@@ -52,7 +53,7 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
             raise TrackingError(f"MLflow server {uri} is unreachable: {err}") from err
         return
     try:
-        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+        client(uri).search_experiments(max_results=1)
     except Exception as err:
         raise TrackingError(f"MLflow store {uri} can't be opened: {err}") from err
 
@@ -86,6 +87,35 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+# MLflow's client retries an unreachable server with backoff for minutes by default; a job that
+# checks reachability before work starts wants an answer in seconds. Set before any client is made;
+# a value the user exported wins.
+_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+_PARAMS_PER_CALL = 100  # the REST API takes at most 100 params per log_batch
+
+
+def client(uri: str | None = None):
+    """The one way this project makes an MLflow client (bounded HTTP timeouts and retries)."""
+    import mlflow
+
+    for key, value in _HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    return mlflow.MlflowClient(uri or tracking_uri())
+
+
+def log_params(mlflow_client, run_id: str, params: Mapping[str, Any]) -> None:
+    """Log any number of params (values cut to MLflow's length limit), in API-sized batches."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
+    for i in range(0, len(items), _PARAMS_PER_CALL):
+        mlflow_client.log_batch(run_id, params=items[i : i + _PARAMS_PER_CALL])
+
+
 def start_run(
     experiment: str,
     run_name: str,
@@ -95,83 +125,156 @@ def start_run(
     run_id: str | None = None,
 ) -> str:
     """Create a run (or reopen `run_id` when resuming) and return its id; never left active."""
-    import mlflow
-
-    client = mlflow.MlflowClient(uri or tracking_uri())
+    mlflow_client = client(uri)
     if run_id is not None:
-        client.update_run(run_id, status="RUNNING")
+        mlflow_client.update_run(run_id, status="RUNNING")
         return run_id
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    run = client.create_run(exp_id, run_name=run_name, tags=dict(tags))
+    exp = mlflow_client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else mlflow_client.create_experiment(experiment)
+    run = mlflow_client.create_run(exp_id, run_name=run_name, tags=dict(tags))
     return run.info.run_id
 
 
 class Tracker:
     """Logs to one MLflow run; a no-op when disabled (ranks other than 0).
 
-    Failures are logged as a single warning per outage and dropped: the metric history gets a
-    gap, training goes on.
+    Metrics, params and tags go through a queue that one background thread sends, so a slow or
+    dead server never stalls a training step. During an outage the thread warns once, keeps the
+    calls (up to `max_queued`, oldest dropped past that, with one warning) and retries every
+    `retry_s`; when the server answers again it says so and sends what was kept. `flush` waits
+    for the queue (bounded); artifacts and `end` flush first, then call the server directly.
     """
 
-    def __init__(self, run_id: str | None, uri: str | None = None, *, enabled: bool = True):
+    def __init__(
+        self,
+        run_id: str | None,
+        uri: str | None = None,
+        *,
+        enabled: bool = True,
+        retry_s: float = 5.0,
+        max_queued: int = 10_000,
+    ):
         self.run_id = run_id
         self.enabled = enabled and run_id is not None
         self._uri = uri or tracking_uri()
         self._client = None
+        self._retry_s = retry_s
+        self._max_queued = max_queued
+        self._queue: collections.deque = collections.deque()
+        self._wake = threading.Condition()
+        self._busy = False
+        self._thread: threading.Thread | None = None
         self._down_since: float | None = None
+        self._dropped = 0
 
     @property
     def client(self):
         if self._client is None:
-            import mlflow
-
-            self._client = mlflow.MlflowClient(self._uri)
+            self._client = client(self._uri)
         return self._client
 
-    def _call(self, what: str, fn, *args, **kwargs) -> Any:
+    # -- the queue -------------------------------------------------------------------------
+    def _submit(self, what: str, fn, *args, **kwargs) -> None:
         if not self.enabled:
-            return None
+            return
+        with self._wake:
+            if len(self._queue) >= self._max_queued:
+                self._queue.popleft()
+                self._dropped += 1
+                if self._dropped == 1:
+                    log.warning(
+                        "MLflow queue full (%d calls): dropping the oldest", self._max_queued
+                    )
+            self._queue.append((what, fn, args, kwargs))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._send_forever, daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def _send_forever(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue:
+                    self._busy = False
+                    self._wake.notify_all()
+                    self._wake.wait()
+                self._busy = True
+                what, fn, args, kwargs = self._queue[0]
+            if self._attempt(what, fn, *args, **kwargs):
+                with self._wake:
+                    self._queue.popleft()
+            else:
+                time.sleep(self._retry_s)
+
+    def _attempt(self, what: str, fn, *args, **kwargs) -> bool:
         try:
-            result = fn(*args, **kwargs)
+            fn(*args, **kwargs)
         except Exception as err:  # any failure of the tracking backend
             if self._down_since is None:
                 self._down_since = time.time()
                 log.warning("MLflow %s failed (%s); training continues without it", what, err)
-            return None
+            return False
         if self._down_since is not None:
-            log.warning("MLflow is back after %.0f s", time.time() - self._down_since)
+            log.warning(
+                "MLflow is back after %.0f s; sending %d queued calls",
+                time.time() - self._down_since,
+                len(self._queue),
+            )
             self._down_since = None
-        return result
+        return True
 
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every queued call was sent; False if the server stayed away that long."""
+        deadline = time.monotonic() + timeout_s
+        with self._wake:
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("MLflow: %d calls not sent (server unreachable)", len(self._queue))
+                    return False
+                self._wake.wait(min(left, 1.0))
+        return True
+
+    def _call_now(self, what: str, fn, *args, **kwargs) -> None:
+        if self.enabled:
+            self.flush()
+            self._attempt(what, fn, *args, **kwargs)
+
+    # -- what callers log ------------------------------------------------------------------
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._call("log_metrics", self.client.log_batch, self.run_id, metrics=batch)
+        self._submit("log_metrics", self.client.log_batch, self.run_id, metrics=batch)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # the API takes at most 100 params per call
-            self._call("log_params", self.client.log_batch, self.run_id, params=items[i : i + 100])
+        self._submit("log_params", log_params, self.client, self.run_id, params)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)) for k, v in tags.items()]
-        self._call("set_tags", self.client.log_batch, self.run_id, tags=items)
+        self._submit("set_tags", self.client.log_batch, self.run_id, tags=items)
+
+    def log_dataset(self, *, name: str, source: str, digest: str, context: str) -> None:
+        """The run page's Datasets panel: what was trained on (source URI, content hash)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest[:36], source_type="uri", source=source)
+        entry = DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
+        self._submit("log_inputs", self.client.log_inputs, self.run_id, datasets=[entry])
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        self._call("log_artifact", self.client.log_artifact, self.run_id, local_path, artifact_path)
+        self._call_now(
+            "log_artifact", self.client.log_artifact, self.run_id, local_path, artifact_path
+        )
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._call("log_text", self.client.log_text, self.run_id, text, artifact_file)
+        self._call_now("log_text", self.client.log_text, self.run_id, text, artifact_file)
 
     def end(self, status: str = "FINISHED") -> None:
-        self._call("end_run", self.client.set_terminated, self.run_id, status)
+        self._call_now("end_run", self.client.set_terminated, self.run_id, status)
 
 
 def register_model_version(
@@ -181,17 +284,21 @@ def register_model_version(
     (run, artifact path) so a re-run after a crash does not register twice."""
     import mlflow
 
-    client = mlflow.MlflowClient(uri or tracking_uri())
+    mlflow_client = client(uri)
     source = f"runs:/{run_id}/{artifact_path}"
     try:
-        client.create_registered_model(REGISTERED_MODEL)
+        mlflow_client.create_registered_model(REGISTERED_MODEL)
     except mlflow.exceptions.MlflowException as err:
         if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
             raise
-    for mv in client.search_model_versions(f"name='{REGISTERED_MODEL}' and run_id='{run_id}'"):
+    for mv in mlflow_client.search_model_versions(
+        f"name='{REGISTERED_MODEL}' and run_id='{run_id}'"
+    ):
         if mv.source == source:
             return mv.version
-    mv = client.create_model_version(REGISTERED_MODEL, source, run_id=run_id, tags=dict(tags))
+    mv = mlflow_client.create_model_version(
+        REGISTERED_MODEL, source, run_id=run_id, tags=dict(tags)
+    )
     return mv.version
 
 
@@ -200,3 +307,35 @@ def ui_hint(uri: str | None = None) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
     return f"mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)"
+
+
+# Registry aliases. Training moves `latest` to the run's final model and `best` to the version
+# with the highest validation top-1 (each version's `val_top1` tag: its own run's val split);
+# `jobs/reevaluate.py --promote BENCHMARK` moves `champion` to that benchmark's top version.
+ALIAS_BEST, ALIAS_LATEST, ALIAS_CHAMPION = "best", "latest", "champion"
+
+
+def set_alias(alias: str, version: str, uri: str | None = None) -> None:
+    client(uri).set_registered_model_alias(REGISTERED_MODEL, alias, str(version))
+
+
+def update_training_aliases(versions: Mapping[str, str], uri: str | None = None) -> None:
+    """After a training run registered `versions` ({"best": v, "final": v}): move the aliases."""
+    latest = versions.get("final") or versions.get("best")
+    if latest is not None:
+        set_alias(ALIAS_LATEST, latest, uri)
+    scored = [
+        (float(mv.tags["val_top1"]), int(mv.version))
+        for mv in client(uri).search_model_versions(f"name='{REGISTERED_MODEL}'")
+        if _is_number(mv.tags.get("val_top1"))
+    ]
+    if scored:
+        set_alias(ALIAS_BEST, str(max(scored)[1]), uri)
+
+
+def _is_number(text: str | None) -> bool:
+    try:
+        float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return True

@@ -57,7 +57,9 @@ def train_augment(
         frames = [frame.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for frame in frames]
         if cfg.flip_label_map is not None:
             label = cfg.flip_label_map.get(label, label)
-    if cfg.rand_augment:
+    # With data.augment_on "worker", RandAugment runs on the training worker instead
+    # (worker_augment.py): the actor stops at crop and flip.
+    if cfg.rand_augment and cfg.augment_on == "actor":
         frames = RandAugment(cfg.rand_augment)(frames, rng)
     return np.stack([np.asarray(frame) for frame in frames]), label
 
@@ -129,6 +131,7 @@ class RandAugment:
                 self.magnitude_std = float(value)
             elif key == "inc":
                 increasing = value == "1"
+        self.increasing = increasing
         self.ops = _INCREASING_OPS if increasing else _OPS
 
     def __call__(self, frames: Frames, rng: np.random.Generator) -> Frames:
@@ -181,7 +184,11 @@ def _rotate(frames, level, rng):
 def _posterize_bits(bits: Callable[[float], int]) -> Op:
     def op(frames, level, rng):
         keep = bits(level)
-        return frames if keep >= 8 else [ImageOps.posterize(frame, keep) for frame in frames]
+        if keep >= 8:
+            return frames
+        if keep <= 0:  # inc1 at magnitude 10: Pillow >= 9 refuses 0 bits, older ones gave black
+            return [Image.new(frame.mode, frame.size) for frame in frames]
+        return [ImageOps.posterize(frame, keep) for frame in frames]
 
     return op
 

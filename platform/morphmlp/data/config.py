@@ -3,15 +3,17 @@
 The release (MTLab/MorphMLP, PySlowFast) trains Kinetics-400 with 16 frames at stride 4 (at 30 fps),
 RandomResizedCrop 224 from frames decoded at short side 256, RandAugment rand-m7-n4-mstd0.5-inc1
 and random erasing 0.25; Something-Something V2 uses segment sampling and no flip. Invalid values
-fail here, at construction, with the field and value named.
+fail here, at construction, with the field and value named (morphmlp.config's check rules).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass
 from typing import Literal
 
+from morphmlp.config import check, check_at_least, check_positive, check_range
 from morphmlp.errors import ConfigError
 
 # timm's RandAugment string: rand-m<magnitude>-n<num ops>-mstd<magnitude std>-inc<0|1>.
@@ -41,6 +43,12 @@ class DataConfig:
     flip_label_map: dict[int, int] | None = None
     rand_augment: str | None = "rand-m7-n4-mstd0.5-inc1"
     random_erasing: float = 0.25  # applied on the training worker (transforms.random_erasing)
+    # Repeated augmentation (the release's AUG.NUM_SAMPLE): a training video is decoded once and
+    # yields this many clips, each with its own crop/flip/RandAugment/erasing draw (pipeline.py).
+    num_samples: int = 1
+    # Where RandAugment runs: "actor" = Pillow in the decode actors (the release's kernels);
+    # "worker" = torch on the training worker's device (worker_augment.py), on the uint8 batch.
+    augment_on: Literal["actor", "worker"] = "actor"
     mean: tuple[float, float, float] = (0.45, 0.45, 0.45)
     std: tuple[float, float, float] = (0.225, 0.225, 0.225)
     test_num_clips: int = 1  # validation during training uses 1x1; evaluation sets 4x1, 1x3...
@@ -62,89 +70,104 @@ class DataConfig:
     val_cache_mb: int = 1024
 
     def __post_init__(self) -> None:
-        _positive_int("num_frames", self.num_frames)
-        _positive_int("sampling_rate", self.sampling_rate)
-        _positive_int("train_crop_size", self.train_crop_size)
-        _positive_int("test_crop_size", self.test_crop_size)
-        _positive_int("test_num_clips", self.test_num_clips)
-        _positive_int("decode_batch_size", self.decode_batch_size)
-        if self.sampling not in ("dense", "segment"):
-            raise ConfigError(f"data.sampling: {self.sampling!r}; choose 'dense' or 'segment'")
-        if self.train_crop not in ("random_resized", "jitter"):
+        check_positive(
+            "data",
+            self,
+            "num_frames",
+            "sampling_rate",
+            "target_fps",
+            "train_crop_size",
+            "test_crop_size",
+            "test_num_clips",
+            "decode_batch_size",
+            "cpus_per_decode_actor",
+        )
+        check_at_least("data", self, 0, "decode_threads", "val_cache_mb")
+        check(
+            "data",
+            self,
+            "num_samples",
+            isinstance(self.num_samples, int)
+            and not isinstance(self.num_samples, bool)
+            and self.num_samples >= 1,
+            "an integer >= 1 (clips per decoded training video)",
+        )
+        check(
+            "data",
+            self,
+            "augment_on",
+            self.augment_on in ("actor", "worker"),
+            "'actor' (Pillow in the decode actors) or 'worker' (torch on the training worker)",
+        )
+        if self.augment_on == "worker" and importlib.util.find_spec("torch") is None:
             raise ConfigError(
-                f"data.train_crop: {self.train_crop!r}; choose 'random_resized' or 'jitter'"
+                "data.augment_on='worker' needs torch on the training workers, and torch is not "
+                "installed here; use data.augment_on='actor' or install torch"
             )
-        if not self.target_fps > 0:
-            raise ConfigError(f"data.target_fps: {self.target_fps!r}; must be > 0")
+        check_range("data", self, "random_erasing", 0, 1)
+        check_range("data", self, "max_bad_fraction", 0, 1)
+        check(
+            "data", self, "sampling", self.sampling in ("dense", "segment"), "'dense' or 'segment'"
+        )
+        check(
+            "data",
+            self,
+            "train_crop",
+            self.train_crop in ("random_resized", "jitter"),
+            "'random_resized' or 'jitter'",
+        )
         lo, hi = self.train_jitter_scales
-        if not 0 < lo <= hi:
-            raise ConfigError(
-                f"data.train_jitter_scales: {self.train_jitter_scales!r}; need 0 < min <= max"
-            )
+        check("data", self, "train_jitter_scales", 0 < lo <= hi, "(min, max) with 0 < min <= max")
         if self.train_crop == "jitter" and lo < self.train_crop_size:
             raise ConfigError(
                 f"data.train_jitter_scales: min {lo} is smaller than data.train_crop_size "
                 f"{self.train_crop_size}; a random crop needs a short side >= the crop"
             )
-        if not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
-            raise ConfigError(f"data.rrc_scale: {self.rrc_scale!r}; need 0 < min <= max <= 1")
-        if not 0 < self.rrc_ratio[0] <= self.rrc_ratio[1]:
-            raise ConfigError(f"data.rrc_ratio: {self.rrc_ratio!r}; need 0 < min <= max")
-        if self.flip_label_map is not None:
-            for key, value in self.flip_label_map.items():
-                if not (
-                    isinstance(key, int) and isinstance(value, int) and key >= 0 and value >= 0
-                ):
-                    raise ConfigError(
-                        f"data.flip_label_map: entry {key!r}: {value!r}; "
-                        "keys and values must be class indices (integers >= 0)"
-                    )
-        if self.rand_augment is not None and not RAND_AUGMENT_PATTERN.match(self.rand_augment):
-            raise ConfigError(
-                f"data.rand_augment: {self.rand_augment!r} is not a RandAugment string like "
-                "'rand-m7-n4-mstd0.5-inc1' (m magnitude 0-10, n ops, mstd magnitude std, inc 0|1); "
-                "use null to disable"
-            )
-        if not 0 <= self.random_erasing <= 1:
-            raise ConfigError(f"data.random_erasing: {self.random_erasing!r}; must be in [0, 1]")
-        if any(s <= 0 for s in self.std):
-            raise ConfigError(f"data.std: {self.std!r}; every value must be > 0")
-        if self.test_num_crops not in (1, 3):
-            raise ConfigError(
-                f"data.test_num_crops: {self.test_num_crops!r}; choose 1 (center) or 3 "
-                "(left/center/right or top/center/bottom)"
-            )
+        scale, ratio = self.rrc_scale, self.rrc_ratio
+        check("data", self, "rrc_scale", 0 < scale[0] <= scale[1] <= 1, "0 < min <= max <= 1")
+        check("data", self, "rrc_ratio", 0 < ratio[0] <= ratio[1], "0 < min <= max")
+        check(
+            "data",
+            self,
+            "flip_label_map",
+            self.flip_label_map is None
+            or all(_class_index(k) and _class_index(v) for k, v in self.flip_label_map.items()),
+            "a map of class indices (integers >= 0) or null",
+        )
+        check(
+            "data",
+            self,
+            "rand_augment",
+            self.rand_augment is None or bool(RAND_AUGMENT_PATTERN.match(self.rand_augment)),
+            "a RandAugment string like 'rand-m7-n4-mstd0.5-inc1' (m magnitude 0-10, n ops, "
+            "mstd magnitude std, inc 0|1), or null to disable",
+        )
+        check("data", self, "std", all(s > 0 for s in self.std), "> 0 in every channel")
+        check(
+            "data",
+            self,
+            "test_num_crops",
+            self.test_num_crops in (1, 3),
+            "1 (center) or 3 (left/center/right or top/center/bottom)",
+        )
         if self.test_short_side(1) < self.test_crop_size:
             raise ConfigError(
                 f"data.test_scale (or, when unset, data.train_jitter_scales[0]): "
                 f"{self.test_short_side(1)} is smaller than data.test_crop_size "
                 f"{self.test_crop_size}; the test crop must fit in the resized frame"
             )
-        if self.decode_threads < 0:
-            raise ConfigError(f"data.decode_threads: {self.decode_threads!r}; must be >= 0")
         low, high = self.decode_actors
-        if not 1 <= low <= high:
-            raise ConfigError(f"data.decode_actors: {self.decode_actors!r}; need 1 <= min <= max")
-        if not self.cpus_per_decode_actor > 0:
-            raise ConfigError(
-                f"data.cpus_per_decode_actor: {self.cpus_per_decode_actor!r}; must be > 0"
-            )
-        if self.decode_resource is not None and (
-            not isinstance(self.decode_resource, str)
-            or not self.decode_resource
-            or self.decode_resource in RAY_BUILTIN_RESOURCES
-        ):
-            raise ConfigError(
-                f"data.decode_resource: {self.decode_resource!r}; must be the name of a custom Ray "
-                f"resource (the cluster configs use 'decode'), not one of "
-                f"{', '.join(RAY_BUILTIN_RESOURCES)}, or null for CPUs only"
-            )
-        if self.val_cache_mb < 0:
-            raise ConfigError(f"data.val_cache_mb: {self.val_cache_mb!r}; must be >= 0")
-        if not 0 <= self.max_bad_fraction <= 1:
-            raise ConfigError(
-                f"data.max_bad_fraction: {self.max_bad_fraction!r}; must be in [0, 1]"
-            )
+        check("data", self, "decode_actors", 1 <= low <= high, "(min, max) with 1 <= min <= max")
+        resource = self.decode_resource
+        check(
+            "data",
+            self,
+            "decode_resource",
+            resource is None
+            or (isinstance(resource, str) and resource and resource not in RAY_BUILTIN_RESOURCES),
+            "the name of a custom Ray resource (the cluster configs use 'decode'), not one of "
+            f"{', '.join(RAY_BUILTIN_RESOURCES)}, or null for CPUs only",
+        )
 
     @property
     def decode_short_side(self) -> int:
@@ -157,6 +180,5 @@ class DataConfig:
         return self.train_jitter_scales[0] if num_crops == 1 else self.test_crop_size
 
 
-def _positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"data.{name}: {value!r}; must be an integer >= 1")
+def _class_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -5,7 +5,8 @@ only the byte ranges it asks for: no copy of the whole object to disk. Decoding 
 keyframe before the first wanted frame, decodes until the last one and converts (and scales to the
 wanted short side, in one swscale call) only the frames that are kept, so full-resolution RGB
 frames are never materialised. Every failure becomes a VideoDecodeError with a reason from
-VideoDecodeError.REASONS, which the bad-data ledger records.
+VideoDecodeError.REASONS, which the bad-data ledger records. BAD_DATA_ERRORS is what a video
+or its storage can raise; callers catch only those, so that a bug in the code fails loudly.
 """
 
 from __future__ import annotations
@@ -17,9 +18,24 @@ from dataclasses import dataclass
 
 import av
 import numpy as np
+import pyarrow as pa
 
 from morphmlp import storage
 from morphmlp.data.errors import VideoDecodeError
+from morphmlp.errors import StorageError
+
+# The exceptions that mean "this video (or the storage holding it) is bad": classified decode
+# failures, FFmpeg errors that escaped classification, and I/O errors of the file handle (PyAV
+# re-raises those of its Python file object; pyarrow's ArrowIOError is an OSError). Anything else
+# (TypeError, NameError, AttributeError, ...) is a bug in the code: recorded as bad data, it would
+# read as "every video is bad", so it is never caught on the decode path.
+BAD_DATA_ERRORS: tuple[type[Exception], ...] = (
+    VideoDecodeError,
+    av.error.FFmpegError,
+    OSError,
+    StorageError,
+    pa.ArrowInvalid,
+)
 
 # FFmpeg reads through Python in chunks of this size; on object stores each chunk is one ranged
 # GET, so it is much larger than PyAV's 32 KiB default.
@@ -107,7 +123,7 @@ def decode_frames(
     with _open(uri) as (container, stream):
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = threads
-        reader = _Reader(container, stream, _fps(uri, stream), short_side)
+        reader = _Reader(container, stream, _fps(uri, stream), short_side, threads)
         _guard(uri, "unreadable_stream", lambda: reader.read(wanted))
     kept = reader.kept
     if not kept:
@@ -119,6 +135,13 @@ def decode_frames(
             storage.redact(uri),
             "truncated",
             f"the stream {how} at frame {last} but frame {wanted[-1]} was wanted",
+        )
+    sizes = {frame.shape for frame in kept.values()}
+    if len(sizes) > 1:  # np.stack would fail; it is the stream's fault, not the code's
+        raise VideoDecodeError(
+            storage.redact(uri),
+            "unreadable_stream",
+            f"the frame size changes mid-stream {sorted(s[1::-1] for s in sizes)} (width, height)",
         )
     # Fill frames the stream lacks (within tolerance) with the nearest earlier decoded one.
     available = sorted(kept)
@@ -142,16 +165,21 @@ class _Reader:
     """Decodes the wanted frames of an open stream into `kept` (index -> RGB array).
 
     A decoding error after frames were decoded is taken as the end of the stream (`broken` says
-    why): whether that is truncation is judged by which wanted frames are missing.
+    why): whether that is truncation is judged by which wanted frames are missing. `decoded`
+    counts the frames that came out of the decoder (the skipped ones never do).
     """
 
-    def __init__(self, container, stream, fps: float, short_side: int | None):
+    def __init__(self, container, stream, fps: float, short_side: int | None, threads: int = 1):
         self.container = container
         self.stream = stream
         self.fps = fps
         self.short_side = short_side
+        # swscale's threads for the conversion: None (FFmpeg's automatic count, one per core)
+        # for threads 0, as the decoder's thread_count 0 means.
+        self.reformat_threads = threads or None
         self.kept: dict[int, np.ndarray] = {}
         self.broken: str | None = None
+        self.decoded = 0
 
     def read(self, wanted: list[int]) -> None:
         gap = max(1, round(_SEEK_GAP_SECONDS * self.fps))
@@ -180,7 +208,7 @@ class _Reader:
         target = origin + max(0, int((group[0] - 0.5) / self.fps / self.stream.time_base))
         self.container.seek(target, stream=self.stream, backward=True, any_frame=False)
         first = True
-        for frame in self._decoded(skip_before=group[0]):
+        for frame in self._decoded(wanted):
             if frame.pts is None:
                 return False
             index = self._index(frame.pts)
@@ -188,7 +216,7 @@ class _Reader:
                 return False
             first = False
             if index in wanted:
-                self.kept[index] = _to_rgb(frame, self.short_side)
+                self.kept[index] = _to_rgb(frame, self.short_side, self.reformat_threads)
             if index >= group[-1]:
                 break
         return True
@@ -198,21 +226,26 @@ class _Reader:
         wanted_set = set(wanted)
         for index, frame in enumerate(self._decoded()):
             if index in wanted_set:
-                self.kept[index] = _to_rgb(frame, self.short_side)
+                self.kept[index] = _to_rgb(frame, self.short_side, self.reformat_threads)
             if index >= wanted[-1]:
                 break
 
-    def _decoded(self, skip_before: int | None = None) -> Iterator[av.VideoFrame]:
-        """Decoded frames from the current position. Packets of frames before `skip_before` are
-        decoded only if other frames reference them: the keyframe-to-clip preroll is most of
-        the work, and for H.264 about half of it is non-reference B-frames."""
+    def _decoded(self, wanted: set[int] | None = None) -> Iterator[av.VideoFrame]:
+        """Decoded frames from the current position. A packet whose frame is not `wanted` is
+        decoded only if other frames reference it: that covers the keyframe-to-clip preroll (most
+        of the work) and the frames between a clip's samples (3 of 4 at stride 4); for x264's
+        default B-frames, about half of them are non-reference. A non-reference frame is, by
+        definition, read by no other frame, so every frame that is decoded is bit-identical to a
+        full decode (tests/test_data_decode.py checks H.264 with B-frames and VP9)."""
         context = self.stream.codec_context
         try:
             for packet in self.container.demux(self.stream):
-                if skip_before is not None and packet.pts is not None:
-                    early = self._index(packet.pts) < skip_before
-                    context.skip_frame = "NONREF" if early else "DEFAULT"
-                yield from packet.decode()
+                if wanted is not None and packet.pts is not None:
+                    needed = self._index(packet.pts) in wanted
+                    context.skip_frame = "DEFAULT" if needed else "NONREF"
+                for frame in packet.decode():
+                    self.decoded += 1
+                    yield frame
         except av.error.FFmpegError as err:
             if not self.kept:
                 raise
@@ -221,9 +254,9 @@ class _Reader:
             context.skip_frame = "DEFAULT"
 
 
-def _to_rgb(frame, short_side: int | None) -> np.ndarray:
+def _to_rgb(frame, short_side: int | None, threads: int | None = 1) -> np.ndarray:
     width, height = output_size(frame.width, frame.height, short_side)
-    return frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
+    return frame.reformat(width=width, height=height, format="rgb24", threads=threads).to_ndarray()
 
 
 def _fps(uri: str, stream) -> float:

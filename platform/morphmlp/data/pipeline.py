@@ -13,10 +13,21 @@ The output keeps input order (preserve_order), so positions arrive in order.
 A video that can't be read never fails an actor and never changes the number of samples: it is
 recorded in the BadDataLedger and replaced by the next readable row of the same epoch's
 permutation (PySlowFast also retries another index). Evaluation skips bad videos instead (and
-records them), emitting num_clips x num_crops views of every readable one.
+records them), emitting num_clips x num_crops views of every readable one. Only bad data
+(decode.BAD_DATA_ERRORS) is handled so: any other exception is a bug and fails the dataset.
+
+Repeated augmentation (data.num_samples = N, the release's AUG.NUM_SAMPLE): a training position
+is decoded once and yields N consecutive rows, the same video's frames with N crop / flip /
+RandAugment draws (and N erasing draws on the worker), the same label and the same position.
+Positions count VIDEOS, not clips: samples_per_epoch, the resume position, steps per epoch and
+the LR scaling stay per video, and a training step sees batch_size x N clips, as PySlowFast's
+multiple_samples_collate makes it (the worker iterates batches of batch_size x N rows; every
+block holds whole videos, decode_batch_size x N rows, so a batch holds whole videos).
 
 Output rows: clip uint8 (T, H, W, 3), label int64, and position int64 (train) or video int64 (row
-in the split) + view int64 (clip_idx * num_crops + crop_idx) (eval).
+in the split) + view int64 (clip_idx * num_crops + crop_idx) (eval). With data.augment_on
+"worker", training clips leave the actors cropped and flipped but not RandAugmented: the worker
+finishes them (transforms.prepare_clips).
 """
 
 from __future__ import annotations
@@ -31,12 +42,15 @@ import pyarrow as pa
 import ray
 from ray.data.block import BlockMetadata
 
+from morphmlp import storage
+from morphmlp.data import schedule
 from morphmlp.data.augment import train_augment, uniform_crops
 from morphmlp.data.bad_data import BadDataLedger
 from morphmlp.data.config import DataConfig
-from morphmlp.data.decode import decode_frames
+from morphmlp.data.decode import BAD_DATA_ERRORS, decode_frames
 from morphmlp.data.errors import BadDataError
-from morphmlp.data.index import VideoIndex, failure_record
+from morphmlp.data.index import VideoIndex
+from morphmlp.data.probe import failure_record
 from morphmlp.data.sampling import clip_indices
 from morphmlp.errors import ConfigError
 
@@ -53,9 +67,13 @@ def build_train_dataset(
     num_epochs: int,
     samples_per_epoch: int,
     start_position: int = 0,
+    global_batch: int | None = None,
     ledger: BadDataLedger | None = None,
 ) -> ray.data.Dataset:
-    """Training clips for positions [start_position, num_epochs * samples_per_epoch), in order."""
+    """Training clips for positions [start_position, num_epochs * samples_per_epoch), in order.
+
+    With `global_batch`, each epoch stops where whole global batches do (data/schedule.py):
+    training passes the split's size as samples_per_epoch and its global batch."""
     if not 1 <= samples_per_epoch <= len(index):
         raise ConfigError(
             f"samples_per_epoch {samples_per_epoch} must be in 1..{len(index)} (the split's rows)"
@@ -63,7 +81,12 @@ def build_train_dataset(
     total = num_epochs * samples_per_epoch
     if not 0 <= start_position < total:
         raise ConfigError(f"start_position {start_position} must be in 0..{total - 1}")
-    ds = _positions(start_position, total, cfg.decode_batch_size).map_batches(
+    spans = (
+        schedule.ranges(start_position, num_epochs, samples_per_epoch, global_batch)
+        if global_batch
+        else [(start_position, total)]
+    )
+    ds = _positions(spans, cfg.decode_batch_size).map_batches(
         TrainClips,
         fn_constructor_kwargs={
             "table": [_put_table(index)],
@@ -90,7 +113,7 @@ def build_eval_dataset(
     """num_clips x num_crops test views of every readable video of `index` (no randomness)."""
     if num_clips < 1 or num_crops not in (1, 3):
         raise ConfigError(f"num_clips {num_clips} must be >= 1 and num_crops {num_crops} 1 or 3")
-    return _positions(0, len(index), cfg.decode_batch_size).map_batches(
+    return _positions([(0, len(index))], cfg.decode_batch_size).map_batches(
         EvalClips,
         fn_constructor_kwargs={
             "table": [_put_table(index)],
@@ -139,7 +162,9 @@ class _Clips:
 
     def failure(self, row: int, err: Exception) -> dict:
         self.bad_rows.add(row)
-        return {"uri": self.uris[row], "row": row, **failure_record(err)}
+        # Redacted like the seen list, so that the ledger counts a bad video once (and the report
+        # that goes to MLflow carries no credentials).
+        return {"uri": storage.redact(self.uris[row]), "row": row, **failure_record(err)}
 
 
 class TrainClips(_Clips):
@@ -170,24 +195,33 @@ class TrainClips(_Clips):
                     continue
                 seen.append(self.uris[row])
                 try:
-                    clip, label = self.sample(row, epoch)
+                    samples = self.sample(row, epoch)
                     break
-                except Exception as err:  # bad data must never crash the actor
+                except BAD_DATA_ERRORS as err:  # bad data never crashes the actor; a bug does
                     failures.append(self.failure(row, err))
             else:
                 self.report(seen, failures)
                 raise BadDataError(f"none of the {len(perm)} videos of the split can be read")
-            clips.append(clip)
-            labels.append(label)
+            for clip, label in samples:
+                clips.append(clip)
+                labels.append(label)
         self.report(seen, failures)
         return {
             "clip": np.stack(clips),
             "label": np.asarray(labels, dtype=np.int64),
-            "position": positions,
+            # Every clip of a video carries the video's position: positions count videos.
+            "position": np.repeat(np.asarray(positions, dtype=np.int64), self.cfg.num_samples),
         }
 
-    def sample(self, row: int, epoch: int) -> tuple[np.ndarray, int]:
-        """The training clip of `row` in `epoch`: a pure function of (seed, epoch, row)."""
+    def sample(self, row: int, epoch: int) -> list[tuple[np.ndarray, int]]:
+        """The data.num_samples training clips of `row` in `epoch`, from one decode: a pure
+        function of (seed, epoch, row).
+
+        The frames (temporal sampling) are drawn once; each clip then draws its own crop, flip
+        and RandAugment. Clip 0 continues the sample's RNG, so num_samples 1 gives the same bytes
+        as before repeated augmentation existed; clip k > 0 uses an RNG seeded (seed, epoch, row,
+        k), so every clip is reproducible on its own, whichever actor makes it.
+        """
         cfg = self.cfg
         rng = np.random.default_rng([self.seed, epoch, row])
         first, count = self.window(row)
@@ -198,7 +232,16 @@ class TrainClips(_Clips):
             short_side=cfg.decode_short_side,
             threads=cfg.decode_threads,
         )
-        return train_augment(frames, int(self.labels[row]), cfg, rng)
+        label = int(self.labels[row])
+        return [
+            train_augment(
+                frames,
+                label,
+                cfg,
+                rng if k == 0 else np.random.default_rng([self.seed, epoch, row, k]),
+            )
+            for k in range(cfg.num_samples)
+        ]
 
 
 class EvalClips(_Clips):
@@ -215,7 +258,7 @@ class EvalClips(_Clips):
             seen.append(self.uris[row])
             try:
                 views = self.views(row)
-            except Exception as err:  # skipped and reported; the evaluator reads the ledger
+            except BAD_DATA_ERRORS as err:  # skipped and reported; the evaluator reads the ledger
                 failures.append(self.failure(row, err))
                 continue
             for view, clip in enumerate(views):
@@ -258,40 +301,49 @@ class EvalClips(_Clips):
 # since Ray would otherwise start a worker process for each of the many zero-CPU tasks.
 _POSITION_READ_CPUS = 0.0
 _POSITION_READ_CONCURRENCY = 1
-# Cap on read tasks (each one a small block): beyond it blocks grow instead.
+# Cap on read tasks (each one a small block): beyond it blocks grow instead. One block per task:
+# Ray Data merges the blocks one read task returns (up to target_max_block_size), and a merged
+# block goes to one actor whole. Blocks put by the driver instead (from_arrow, no read tasks)
+# measured 3x slower here: Ray Data's iteration stats then walk every block each update.
 _MAX_POSITION_BLOCKS = 50_000
 
 
-def _positions(start: int, stop: int, batch_size: int) -> ray.data.Dataset:
-    """A dataset of integers [start, stop) in column "position", in small blocks.
+def _positions(spans: list[tuple[int, int]], batch_size: int) -> ray.data.Dataset:
+    """A dataset of the integers in the [low, high) spans, in column "position", in small blocks.
 
     An actor task takes whole input blocks, so small blocks are what spreads the work over the
     decode actors and keeps ordered output flowing. (ray.data.range makes a few large blocks,
     and its read tasks want a whole CPU, which a trainer may be holding.)
     """
-    count = stop - start
+    count = sum(high - low for low, high in spans)
     rows = batch_size * max(1, math.ceil(count / (batch_size * _MAX_POSITION_BLOCKS)))
-    source = _PositionsDatasource(start, stop, rows)
+    source = _PositionsDatasource(spans, rows)
     return ray.data.read_datasource(
         source,
         num_cpus=_POSITION_READ_CPUS,
         concurrency=_POSITION_READ_CONCURRENCY,
-        override_num_blocks=math.ceil(count / rows),
+        override_num_blocks=len(source.blocks()),
     )
 
 
 class _PositionsDatasource(ray.data.Datasource):
-    def __init__(self, start: int, stop: int, rows_per_block: int):
+    def __init__(self, spans: list[tuple[int, int]], rows_per_block: int):
         super().__init__()
-        self.start, self.stop, self.rows_per_block = start, stop, rows_per_block
+        self.spans, self.rows_per_block = spans, rows_per_block
+
+    def blocks(self) -> list[tuple[int, int]]:
+        return [
+            (low, min(low + self.rows_per_block, high))
+            for start, high in self.spans
+            for low in range(start, high, self.rows_per_block)
+        ]
 
     def estimate_inmemory_data_size(self) -> int:
-        return 8 * (self.stop - self.start)
+        return 8 * sum(high - low for low, high in self.spans)
 
     def get_read_tasks(self, parallelism: int, **_) -> list[ray.data.ReadTask]:
         tasks = []
-        for low in range(self.start, self.stop, self.rows_per_block):
-            high = min(low + self.rows_per_block, self.stop)
+        for low, high in self.blocks():
             metadata = BlockMetadata(
                 num_rows=high - low, size_bytes=8 * (high - low), input_files=None, exec_stats=None
             )

@@ -13,6 +13,24 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from morphmlp.data.config import DataConfig
+
+
+def prepare_clips(
+    clips: torch.Tensor, cfg: DataConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """What the training worker does to a uint8 (B, T, H, W, 3) batch before Mixup/CutMix:
+    RandAugment when data.augment_on is "worker" (one draw per clip), normalisation, random
+    erasing. Returns float32 (B, 3, T, H, W)."""
+    if cfg.augment_on == "worker" and cfg.rand_augment:
+        from morphmlp.data.worker_augment import rand_augment
+
+        clips = rand_augment(clips, cfg.rand_augment, generator)
+    x = normalize(clips, cfg.mean, cfg.std)
+    if cfg.random_erasing > 0:
+        x = random_erasing(x, cfg.random_erasing, generator=generator)
+    return x
+
 
 def normalize(clips: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 (B, T, H, W, 3) -> float32 (B, 3, T, H, W), scaled to [0, 1] then standardised."""

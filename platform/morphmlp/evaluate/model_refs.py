@@ -2,11 +2,15 @@
 
 References:
   models:/morphmlp/<version>        a registered model version (what the schedule evaluates)
+  models:/morphmlp@<alias>          the version an alias (best, latest, champion) points at
   runs:/<run_id>                    that training run's best model (checkpoints/best/model.pt)
   runs:/<run_id>/<artifact path>    a file, or a folder holding model.pt, in that run
   <path or URI>                     a model.pt file: ours carries its architecture and classes;
                                     a release file (PySlowFast's model_state) needs the variant
                                     and frame count, and has no class names
+
+Exported programs (model.pt2, model.onnx, with their sidecar JSON: evaluate/export.py) hold a
+graph, not weights: `is_exported` tells them apart; jobs/predict.py runs them, `load` refuses them.
 
 Everything is checked here, on the driver, before any evaluation work starts: the weights are
 loaded strictly into the network they claim to be.
@@ -26,12 +30,14 @@ import torch
 from morphmlp import storage, tracking
 from morphmlp.config import from_dict
 from morphmlp.errors import ConfigError, MorphMLPError
-from morphmlp.models import MorphMLPConfig, build_model, load_checkpoint, variant_config
+from morphmlp.models import MorphMLPConfig, create_model, load_checkpoint, variant_config
 from morphmlp.models.weights import CheckpointError, torch_load, unwrap_state_dict
 
 MODEL_FILE = "model.pt"
 BEST_ARTIFACT = "checkpoints/best"
 _MODEL_URI = re.compile(rf"^models:/{tracking.REGISTERED_MODEL}/(\d+)$")
+_ALIAS_URI = re.compile(rf"^models:/{tracking.REGISTERED_MODEL}@([A-Za-z0-9_-]+)$")
+EXPORTED_SUFFIXES = (".pt2", ".onnx")
 _RUN_URI = re.compile(r"^runs:/([0-9a-fA-F]+)(?:/(.+))?$")
 
 
@@ -78,9 +84,8 @@ def model_version_uri(version: str | int) -> str:
 
 def registered_versions(uri: str | None = None) -> list[RegisteredVersion]:
     """Every version of the registered model `morphmlp`, oldest first."""
-    import mlflow
 
-    client = mlflow.MlflowClient(uri or tracking.tracking_uri())
+    client = tracking.client(uri)
     found, token = [], None
     while True:
         page = client.search_model_versions(
@@ -94,6 +99,27 @@ def registered_versions(uri: str | None = None) -> list[RegisteredVersion]:
             return sorted(found, key=lambda v: int(v.version))
 
 
+def is_exported(reference: str) -> bool:
+    """An exported program (jobs/export.py), not a checkpoint: a .pt2 or .onnx path or URI."""
+    return not reference.startswith(("models:/", "runs:/")) and reference.lower().endswith(
+        EXPORTED_SUFFIXES
+    )
+
+
+def registered_aliases(uri: str | None = None) -> dict[str, str]:
+    """alias -> version of the registered model `morphmlp` (empty when it isn't registered)."""
+    import mlflow
+
+    client = tracking.client(uri)
+    try:
+        model = client.get_registered_model(tracking.REGISTERED_MODEL)
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return {}
+    return {alias: str(version) for alias, version in sorted(model.aliases.items())}
+
+
 def load(
     reference: str,
     *,
@@ -104,16 +130,24 @@ def load(
 ) -> Checkpoint:
     """Resolve `reference` (see the module docstring) and load its weights strictly."""
     version = _MODEL_URI.match(reference)
+    alias = _ALIAS_URI.match(reference)
     run = _RUN_URI.match(reference)
     if version is not None:
         ckpt = _load_model_version(version.group(1), uri)
+    elif alias is not None:
+        ckpt = _load_model_version(_alias_version(alias.group(1), uri), uri)
     elif run is not None:
         ckpt = _load_run_artifact(run.group(1), run.group(2) or BEST_ARTIFACT, reference, uri)
     elif reference.startswith(("models:/", "runs:/")):
         raise CheckpointNotFoundError(
             f"{reference!r} is not a checkpoint reference this job knows; use "
-            f"models:/{tracking.REGISTERED_MODEL}/<version>, runs:/<run_id>[/<artifact path>] "
-            "or a path/URI of a model.pt file"
+            f"models:/{tracking.REGISTERED_MODEL}/<version>, models:/{tracking.REGISTERED_MODEL}"
+            "@<alias>, runs:/<run_id>[/<artifact path>] or a path/URI of a model.pt file"
+        )
+    elif is_exported(reference):
+        raise CheckpointNotFoundError(
+            f"{storage.redact(reference)} is an exported program (jobs/export.py): it runs with "
+            "jobs/predict.py; this needs the model.pt it was exported from"
         )
     else:
         if not storage.exists(reference):
@@ -122,10 +156,20 @@ def load(
     return _finish(ckpt, variant=variant, frames=frames, img_size=img_size)
 
 
+def _alias_version(alias: str, uri: str | None) -> str:
+    aliases = registered_aliases(uri)
+    if alias not in aliases:
+        known = ", ".join(f"{name} (v{v})" for name, v in aliases.items()) or "none"
+        raise CheckpointNotFoundError(
+            f"alias {alias!r} of {tracking.REGISTERED_MODEL} is not set; aliases: {known}"
+        )
+    return aliases[alias]
+
+
 def _load_model_version(version: str, uri: str | None) -> dict:
     import mlflow
 
-    client = mlflow.MlflowClient(uri or tracking.tracking_uri())
+    client = tracking.client(uri)
     try:
         mv = client.get_model_version(tracking.REGISTERED_MODEL, version)
     except mlflow.exceptions.MlflowException as err:
@@ -147,7 +191,7 @@ def _load_model_version(version: str, uri: str | None) -> dict:
 def _load_run_artifact(run_id: str, path: str, reference: str, uri: str | None) -> dict:
     import mlflow
 
-    client = mlflow.MlflowClient(uri or tracking.tracking_uri())
+    client = tracking.client(uri)
     try:
         client.get_run(run_id)
     except mlflow.exceptions.MlflowException as err:
@@ -229,7 +273,7 @@ def _finish(
             f"{head.shape[0]} outputs"
         )
     # Strict load into the network it claims to be: a file that doesn't fit fails here.
-    model = build_model(cfg)
+    model = create_model(cfg)
     load_checkpoint(model, state, strict=True)
     class_names = loaded["class_names"]
     if class_names is not None and len(class_names) != cfg.num_classes:

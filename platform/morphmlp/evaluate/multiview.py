@@ -109,11 +109,11 @@ class ScoreViews:
         import ray
         import torch
 
-        from morphmlp.models import build_model
+        from morphmlp.models import create_model
 
         torch.set_num_threads(threads)  # the actor's CPU share: decode actors need the rest
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = build_model(model_config)
+        model = create_model(model_config)
         model.load_state_dict(ray.get(state_dict[0]))
         self.model = model.eval().to(self.device)
         self.mean, self.std = mean, std
@@ -194,9 +194,8 @@ def score_views(
         now = time.monotonic()
         if now - last_log >= 10.0 or done == total:
             rate = done / max(now - started, 1e-9)
-            log.info(
-                "scored %d/%d views (%.1f/s, ETA %.0fs)", done, total, rate, (total - done) / rate
-            )
+            eta = f"{(total - done) / rate:.0f}s" if rate > 0 else "unknown"  # an empty first batch
+            log.info("scored %d/%d views (%.1f/s, ETA %s)", done, total, rate, eta)
             last_log = now
     if not parts["video"]:
         return average_views(

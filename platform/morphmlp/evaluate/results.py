@@ -60,9 +60,8 @@ class ResultsLedger:
     """The finished evaluation results in one MLflow store."""
 
     def __init__(self, uri: str | None = None, experiment: str = EVAL_EXPERIMENT):
-        import mlflow
 
-        self.client = mlflow.MlflowClient(uri or tracking.tracking_uri())
+        self.client = tracking.client(uri)
         self.experiment = experiment
 
     def _runs(self, filter_string: str):

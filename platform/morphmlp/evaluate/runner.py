@@ -88,7 +88,7 @@ def evaluate_pair(
     """Score the pair on Ray, log the run to MLflow (and the reports to `output`, if given)."""
     from morphmlp.data.bad_data import BadDataLedger
 
-    client = _client(uri)
+    client = tracking.client(uri)
     tags = {
         **identity_tags(plan.ckpt, plan.bench),
         results.TAG_LABEL_OVERLAP: plan.label_map.overlap,
@@ -166,7 +166,7 @@ def record_skip(
         results.TAG_SKIP_REASON: reason[:5000],
     }
     run_id = tracking.start_run(results.EVAL_EXPERIMENT, _run_name(ckpt, bench), tags=tags, uri=uri)
-    _client(uri).set_terminated(run_id, "FINISHED")
+    tracking.client(uri).set_terminated(run_id, "FINISHED")
     return run_id
 
 
@@ -200,15 +200,7 @@ def _run_name(ckpt: Checkpoint, bench: ResolvedBenchmark) -> str:
     return f"{what}-{bench.name}"
 
 
-def _client(uri: str | None):
-    import mlflow
-
-    return mlflow.MlflowClient(uri or tracking.tracking_uri())
-
-
 def _log_params(client, run_id: str, plan: EvalPlan, cfg: EvalConfig) -> None:
-    from mlflow.entities import Param
-
     params = {
         **flatten({"protocol": to_dict(plan.bench.spec.protocol)}),
         **flatten({"data": to_dict(plan.data_cfg)}),
@@ -216,12 +208,10 @@ def _log_params(client, run_id: str, plan: EvalPlan, cfg: EvalConfig) -> None:
         **flatten({"model": to_dict(plan.ckpt.model_config)}),
         "benchmark_videos": len(plan.bench.index),
         "evaluated_videos": len(plan.index),
-        "evaluated_classes": json.dumps(plan.class_names)[:6000],
+        "evaluated_classes": json.dumps(plan.class_names),
         **tracking.package_versions(),
     }
-    items = [Param(k, str(v)) for k, v in params.items()]
-    for i in range(0, len(items), 100):  # the API takes at most 100 params per call
-        client.log_batch(run_id, params=items[i : i + 100])
+    tracking.log_params(client, run_id, params)
 
 
 def _log_metrics(client, run_id: str, plan: EvalPlan, metrics: Metrics, num_bad: int) -> None:

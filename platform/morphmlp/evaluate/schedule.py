@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass, field
 
 from morphmlp import storage, tracking
-from morphmlp.errors import MorphMLPError
+from morphmlp.errors import ConfigError, MorphMLPError
 from morphmlp.evaluate import model_refs, results
 from morphmlp.evaluate.catalog import Catalog, ProtocolError, ResolvedBenchmark, resolve_benchmark
 from morphmlp.evaluate.labels import LabelSpaceError
@@ -60,7 +60,7 @@ def reevaluate(
     report = ScheduleReport()
     store = results.ResultsLedger(uri)
     registered = model_refs.registered_versions(uri)
-    chosen = _choose_versions(registered, versions, report)
+    chosen = _choose_versions(registered, versions)
     benchmarks, left_out = _resolve_benchmarks(catalog, report)
     done = store.results()
     stale = store.unfinished()
@@ -105,17 +105,50 @@ def reevaluate(
     return report
 
 
-def _choose_versions(registered, wanted, report: ScheduleReport):
+def _choose_versions(registered, wanted):
+    """The versions asked for; one that isn't registered stops the job before any work."""
     if wanted is None:
         return registered
     known = {v.version: v for v in registered}
     for version in wanted:
         if version not in known:
-            report.reported.append(
-                f"v{version}: not a registered version of {tracking.REGISTERED_MODEL} "
-                f"(registered: {', '.join(known) or 'none'})"
+            raise ConfigError(
+                f"--versions: {version!r} is not a registered version of "
+                f"{tracking.REGISTERED_MODEL} (registered: {', '.join(known) or 'none'})"
             )
-    return [known[v] for v in wanted if v in known]
+    return [known[v] for v in wanted]
+
+
+def check_promotable(catalog: Catalog, benchmark: str) -> None:
+    """--promote names a benchmark of the catalog (checked before any work)."""
+    names = [b.name for b in catalog.benchmarks]
+    if benchmark not in names:
+        raise ConfigError(
+            f"--promote: {benchmark!r} is not a benchmark of the catalog ({', '.join(names)})"
+        )
+
+
+def promote(catalog: Catalog, benchmark: str, uri: str | None = None) -> tuple[str, float]:
+    """Move the `champion` alias to the registered version with the best top-1 on `benchmark`
+    as it is now (its current content and protocol hashes); returns (version, top-1)."""
+    check_promotable(catalog, benchmark)
+    spec = next(b for b in catalog.benchmarks if b.name == benchmark)
+    bench = resolve_benchmark(spec)
+    registered = {v.version for v in model_refs.registered_versions(uri)}
+    scored = [
+        (result.metrics["top1"], int(key.model_version))
+        for key, result in results.ResultsLedger(uri).results().items()
+        if (key.benchmark, key.benchmark_hash, key.protocol_hash)
+        == (bench.name, bench.content_hash, bench.protocol_hash)
+        and result.outcome == results.OUTCOME_EVALUATED
+        and "top1" in result.metrics
+        and key.model_version in registered
+    ]
+    if not scored:
+        raise ConfigError(f"--promote: no registered version has a result on {benchmark!r} yet")
+    top1, version = max(scored)
+    tracking.set_alias(tracking.ALIAS_CHAMPION, str(version), uri)
+    return str(version), top1
 
 
 def _resolve_benchmarks(catalog: Catalog, report: ScheduleReport):
@@ -161,9 +194,8 @@ def _run_version(version: str, pending, cfg: EvalConfig, uri, report: ScheduleRe
 
 
 def _log_leaderboard(board: Leaderboard, uri: str | None) -> None:
-    import mlflow
 
-    client = mlflow.MlflowClient(uri or tracking.tracking_uri())
+    client = tracking.client(uri)
     run_id = tracking.start_run(
         results.EVAL_EXPERIMENT,
         "leaderboard",

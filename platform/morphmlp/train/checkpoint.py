@@ -23,13 +23,17 @@ CHECKPOINT_FILE = "checkpoint.pt"
 PROGRESS_FILE = "progress.json"
 CHECKPOINT_DIR_PREFIX = "checkpoint_step"  # + the step, 8 digits: names sort by step
 MODEL_FILE = "model.pt"
+# What the bad-data ledgers found over every attempt of a run, in the run folder (loop.py writes
+# it at each epoch's end, the driver reads it before a re-run starts).
+BAD_DATA_FILE = "bad_data.json"
 
 
 @dataclass
 class Progress:
     step: int = 0  # optimizer steps completed
     epoch: int = 0  # epochs completed
-    position: int = 0  # training samples consumed (the sample schedule's cursor)
+    position: int = 0  # the sample schedule's cursor: the truth of how far the run is
+    global_batch: int = 0  # the global batch in force when saved (0: before the first step)
     best_top1: float = -1.0
     best_epoch: int = -1
     mlflow_run_id: str | None = None

@@ -1,25 +1,43 @@
-"""The training job's configuration: one typed tree, resolved once in the driver.
+"""The training job's configuration: one typed tree, resolved once, never changed afterwards.
 
 Precedence, lowest to highest: dataclass defaults (the release's Kinetics-400 recipe) → the
-variant's recipe file (recipes/<variant>.yaml, e.g. the demo recipe for `xs`) → a user YAML
-(`--config`) → CLI flags. The resolved tree is what every worker receives and what MLflow records.
+variant's recipe file (recipes/<variant>.yaml, e.g. the demo recipe for `xs`; logged when
+applied) → a user YAML (`--config`) → the jobs' typed flags (set as given, never re-parsed) →
+`--set key=value` (YAML values). The resolved tree is what every worker receives and what MLflow
+records; what the driver works out from it (absolute storage root, run name and folder) lives in
+its TrainPlan.
 """
 
 from __future__ import annotations
 
-import math
+import argparse
+import logging
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from morphmlp.config import ConfigError, apply_overrides, from_dict, load_yaml, merge, to_dict
+from morphmlp.config import (
+    ConfigError,
+    apply_overrides,
+    check,
+    check_at_least,
+    check_positive,
+    check_range,
+    from_dict,
+    load_yaml,
+    merge,
+    set_key,
+)
 from morphmlp.data.config import DataConfig
 
 RECIPES_DIR = os.path.join(os.path.dirname(__file__), "recipes")
 
+log = logging.getLogger("morphmlp.train")
+
 
 @dataclass
-class ModelSection:
+class ModelConfig:
     variant: str = "xs"  # registered name (xs, s, b, ...) or a variant YAML written by the search
     num_frames: int | None = None  # None: the variant's default (xs 8, s/b 16)
     img_size: int | None = None  # None: the variant's default (xs 112, s/b 224)
@@ -27,6 +45,16 @@ class ModelSection:
     pretrained: str | None = None  # image checkpoint (inflated) or a release/our checkpoint
     grad_checkpointing: bool = False
     compile: bool = False
+
+    def factory_kwargs(self) -> dict[str, Any]:
+        """`models.factory.create_model`'s arguments for this section (None: the variant's);
+        `pretrained` is the caller's to pass (the driver's check builds no weights)."""
+        return {
+            "num_frames": self.num_frames,
+            "img_size": self.img_size,
+            "drop_path_rate": self.drop_path_rate,
+            "grad_checkpointing": self.grad_checkpointing,
+        }
 
 
 @dataclass
@@ -50,30 +78,40 @@ class OptimConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
 
     def __post_init__(self) -> None:
-        _positive(self, "epochs", "batch_size", "grad_accum_steps", "lr", "lr_reference_batch")
-        if not 0 <= self.warmup_epochs <= self.epochs:
-            raise ConfigError(f"optim.warmup_epochs={self.warmup_epochs} must be in [0, epochs]")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"optim.label_smoothing={self.label_smoothing} must be in [0, 1)")
-        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
-            raise ConfigError(f"optim.clip_grad_norm={self.clip_grad_norm} must be > 0 or null")
+        check_positive(
+            "optim", self, "epochs", "batch_size", "grad_accum_steps", "lr", "lr_reference_batch"
+        )
+        check_range("optim", self, "warmup_epochs", 0, self.epochs)
+        check_range("optim", self, "label_smoothing", 0, 1, high_open=True)
+        clip = self.clip_grad_norm
+        check("optim", self, "clip_grad_norm", clip is None or clip > 0, "> 0 or null")
 
 
 @dataclass
-class ScalingSection:
+class ScalingConfig:
     workers: int = 1
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0  # keep low on small machines: Ray Data decodes on the rest
     max_failures: int = 3  # worker/node failures survived by restarting from the checkpoint
+    # With an autoscaler, how long to wait for the nodes the request needs before giving up
+    # (without one, a request the cluster can't meet is refused at once).
+    resource_wait_s: float = 600.0
 
     def __post_init__(self) -> None:
-        _positive(self, "workers")
-        if self.gpus_per_worker < 0 or self.cpus_per_worker < 0:
-            raise ConfigError("scaling.gpus_per_worker and scaling.cpus_per_worker must be >= 0")
+        check_positive("scaling", self, "workers")
+        check_at_least(
+            "scaling",
+            self,
+            0,
+            "gpus_per_worker",
+            "cpus_per_worker",
+            "max_failures",
+            "resource_wait_s",
+        )
 
 
 @dataclass
-class RunSection:
+class RunConfig:
     name: str | None = None  # None: derived from variant, frames and dataset (re-running resumes)
     storage: str = "runs"  # local path or URI (s3://bucket/prefix) for checkpoints
     experiment: str = "morphmlp-train"
@@ -84,19 +122,18 @@ class RunSection:
     register_model: bool = True  # register best and final as versions of `morphmlp` in MLflow
 
     def __post_init__(self) -> None:
-        _positive(self, "keep_last", "log_every_steps")
-        if self.checkpoint_every_steps < 0:
-            raise ConfigError("run.checkpoint_every_steps must be >= 0")
+        check_positive("run", self, "keep_last", "log_every_steps")
+        check_at_least("run", self, 0, "checkpoint_every_steps")
 
 
 @dataclass
 class TrainJobConfig:
     dataset: str = "demo"  # index URI (Parquet) or `demo` for the built-in dataset
-    model: ModelSection = field(default_factory=ModelSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    scaling: ScalingSection = field(default_factory=ScalingSection)
-    run: RunSection = field(default_factory=RunSection)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     @property
     def global_batch(self) -> int:
@@ -128,30 +165,47 @@ FLAGS: dict[str, tuple[str, type, str]] = {
 }
 
 
+def add_flags(
+    parser: argparse.ArgumentParser, names: Iterable[str], help: Mapping[str, str] | None = None
+) -> None:
+    """Add the FLAGS `names` to a job's parser, typed; `help` replaces a flag's text."""
+    for flag in names:
+        key, typ, text = FLAGS[flag]
+        text = (help or {}).get(flag, text)
+        parser.add_argument(f"--{flag.replace('_', '-')}", type=typ, help=f"{text} [{key}]")
+
+
 def tree_from_cli(config: str | None, flags: dict[str, Any], sets: list[str]) -> dict[str, Any]:
-    """The user's config tree: the --config YAML, then the flags (by FLAGS name; None = not
-    given), then the --set KEY=VALUE overrides."""
+    """The user's config tree: the --config YAML, then the flags (by FLAGS name, their typed
+    values set as given; None = not given), then the --set KEY=VALUE overrides (YAML values)."""
     tree = load_yaml(config) if config else {}
-    given = [f"{FLAGS[f][0]}={value}" for f, value in flags.items() if value is not None]
-    return apply_overrides(merge(tree, apply_overrides({}, given)), sets)
+    for flag, value in flags.items():
+        if value is not None:
+            tree = set_key(tree, FLAGS[flag][0], value)
+    return apply_overrides(tree, sets)
 
 
-def recipe_for(variant: str) -> dict[str, Any]:
-    """The variant's own recipe (e.g. the demo recipe for xs); {} when it has none."""
-    from morphmlp.config import load_yaml
-
+def recipe_path(variant: str) -> str | None:
+    """The variant's own recipe file (e.g. the demo recipe for xs), if it has one."""
     name = os.path.splitext(os.path.basename(variant))[0]
     path = os.path.join(RECIPES_DIR, f"{name}.yaml")
-    return load_yaml(path) if os.path.exists(path) else {}
+    return path if os.path.exists(path) else None
 
 
 def resolve_config(user_tree: dict[str, Any]) -> TrainJobConfig:
     """Defaults → variant recipe → user tree, with the data's frames and crop size taken from
     the model (one source of truth: set them with model.num_frames / model.img_size)."""
-    variant = user_tree.get("model", {}).get("variant", ModelSection.variant)
-    tree = merge(recipe_for(variant), user_tree)
+    from morphmlp.models.factory import model_config
+
+    variant = user_tree.get("model", {}).get("variant", ModelConfig.variant)
+    arch = model_config(variant) if isinstance(variant, str) else None  # names valid variants
+    recipe = recipe_path(variant) if isinstance(variant, str) else None
+    if recipe:
+        log.info("Recipe applied: %s (--config, flags and --set override it)", recipe)
+    tree = merge(load_yaml(recipe) if recipe else {}, user_tree)
     model = tree.get("model", {})
-    arch = architecture(variant)  # raises ConfigError listing the valid variants
+    if arch is None:  # not a string: from_dict names the key and the value
+        return from_dict(TrainJobConfig, tree)
     frames = model.get("num_frames") or arch.num_frames
     size = model.get("img_size") or arch.img_size
     derived = {"num_frames": frames, "train_crop_size": size, "test_crop_size": size}
@@ -166,16 +220,6 @@ def resolve_config(user_tree: dict[str, Any]) -> TrainJobConfig:
     return from_dict(TrainJobConfig, tree)
 
 
-def architecture(variant: str, **overrides: Any):
-    """MorphMLPConfig of a named variant or of a variant YAML written by the search."""
-    from morphmlp.models import load_variant_file, variant_config
-
-    if variant.endswith((".yaml", ".yml")):
-        base = load_variant_file(variant)
-        return variant_config("s", **{**to_dict(base), **overrides}) if overrides else base
-    return variant_config(variant, **overrides)
-
-
 def steps_per_epoch(num_train_videos: int, cfg: TrainJobConfig) -> int:
     """Optimizer steps per epoch; the remainder of each epoch is dropped (drop_last)."""
     steps = num_train_videos // cfg.global_batch
@@ -188,22 +232,6 @@ def steps_per_epoch(num_train_videos: int, cfg: TrainJobConfig) -> int:
     return steps
 
 
-def warmup_steps(cfg: TrainJobConfig, steps_per_epoch: int) -> int:
-    return math.ceil(cfg.optim.warmup_epochs * steps_per_epoch)
-
-
 def default_run_name(cfg: TrainJobConfig, dataset_name: str) -> str:
     variant = os.path.splitext(os.path.basename(cfg.model.variant))[0]
     return f"{variant}-{cfg.model.num_frames}x{cfg.model.img_size}-{dataset_name}"
-
-
-def as_tree(cfg: TrainJobConfig) -> dict[str, Any]:
-    return to_dict(cfg)
-
-
-def _positive(obj: Any, *names: str) -> None:
-    section = type(obj).__name__.replace("Config", "").replace("Section", "").lower()
-    for name in names:
-        value = getattr(obj, name)
-        if value <= 0:
-            raise ConfigError(f"{section}.{name}={value} must be > 0")

@@ -1,8 +1,10 @@
 """The per-worker training function: `train_func(config)` runs on every Ray Train worker.
 
 Importable and callable on its own (tests call it under Ray Train's local mode). The training
-stream is one pass over the remaining sample schedule (see data/pipeline.py): epochs are counted
-in optimizer steps, so a restart resumes mid-epoch at the checkpoint's step.
+stream is one pass over the remaining sample schedule (data/pipeline.py). How far the run is, is
+the sample position (data/schedule.py): epochs end and the learning rate moves by position, so a
+restart resumes mid-epoch at the checkpoint's sample, at whatever global batch is now in force.
+Steps are counted for the log and for the per-step random seeds only.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,17 +24,19 @@ import torch.nn.functional as F
 
 from morphmlp import storage
 from morphmlp.config import from_dict
-from morphmlp.data import transforms
+from morphmlp.data import schedule, transforms
+from morphmlp.models.factory import create_model
 from morphmlp.train import optim
 from morphmlp.train.checkpoint import (
+    BAD_DATA_FILE,
     CHECKPOINT_DIR_PREFIX,
     Progress,
     export_model,
-    read_checkpoint_dir,
     unwrap,
     write_checkpoint_dir,
 )
 from morphmlp.train.config import TrainJobConfig
+from morphmlp.train.resume import restore
 
 log = logging.getLogger("morphmlp.train")
 
@@ -42,13 +46,14 @@ class RunInfo:
     """What the driver worked out before launching workers (not user configuration)."""
 
     class_names: list[str]
-    steps_per_epoch: int
+    epoch_size: int  # training videos: the positions of one epoch (data/schedule.py)
     run_dir: str  # storage/name: best/ and final/ exports go here
     mlflow_run_id: str | None
     tracking_uri: str
-    bad_data_ledger: str | None = None  # name of the BadDataLedger actor
+    # names of the BadDataLedger actors, by split ("train", "val")
+    bad_data_ledgers: dict[str, str] = field(default_factory=dict)
     # The checkpoint folder to start from while Ray Train has none of its own (its snapshot was
-    # cut short by a crash; trainer.recover_from_broken_snapshot).
+    # cut short by a crash; resume.recover_from_broken_snapshot).
     recovered_checkpoint: str | None = None
 
     @property
@@ -56,25 +61,10 @@ class RunInfo:
         return len(self.class_names)
 
 
-def build_model(cfg: TrainJobConfig, num_classes: int) -> torch.nn.Module:
-    from morphmlp import models
-    from morphmlp.train.config import architecture
-
-    given = {
-        "num_classes": num_classes,
-        "num_frames": cfg.model.num_frames,
-        "img_size": cfg.model.img_size,
-        "drop_path_rate": cfg.model.drop_path_rate,
-    }
-    model = models.build_model(
-        architecture(cfg.model.variant, **{k: v for k, v in given.items() if v is not None})
-    )
-    if cfg.model.pretrained:
-        # an image checkpoint is inflated (kernels at the middle frame); a video one loads as is
-        models.load_checkpoint(model, cfg.model.pretrained, strict=True, inflate="center")
-    if cfg.model.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    return model
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy against soft targets (mixup/cutmix, label smoothing; timm's
+    SoftTargetCrossEntropy), computed in float32 whatever the autocast dtype."""
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -107,28 +97,25 @@ def train_func(config: dict[str, Any]) -> None:
     # The initial weights follow run.seed: a run can be reproduced, and trials of a search that
     # differ only in hyperparameters start from the same network.
     torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg, info.num_classes).to(device)
+    model = create_model(
+        cfg.model.variant,
+        num_classes=info.num_classes,
+        pretrained=cfg.model.pretrained,
+        **cfg.model.factory_kwargs(),
+    ).to(device)
     optimizer = optim.build_optimizer(
         model, lr=cfg.scaled_lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas
     )
     amp_dtype = autocast_dtype(cfg.optim.precision, device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    progress = Progress(mlflow_run_id=info.mlflow_run_id)
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and info.recovered_checkpoint:
-        fs, path = storage.resolve(info.recovered_checkpoint)
-        checkpoint = ray.train.Checkpoint(path, filesystem=fs)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = read_checkpoint_dir(directory)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        progress = Progress(**state["progress"])
-        if rank == 0:
-            log.info("resumed at epoch %d, step %d", progress.epoch, progress.step)
+    progress = restore(
+        model,
+        optimizer,
+        scaler,
+        recovered_checkpoint=info.recovered_checkpoint,
+        mlflow_run_id=info.mlflow_run_id,
+        rank=rank,
+    )
 
     net = ray.train.torch.prepare_model(model)  # DDP when world > 1, device placement
     if cfg.model.compile:
@@ -137,17 +124,34 @@ def train_func(config: dict[str, Any]) -> None:
     from morphmlp.tracking import Tracker
 
     tracker = Tracker(info.mlflow_run_id, info.tracking_uri, enabled=rank == 0)
-    loop = _Loop(cfg, info, net, optimizer, scaler, amp_dtype, device, rank, world, tracker)
-    loop.run(progress)
+    parts = LoopParts(net, optimizer, scaler, amp_dtype, device, rank, world, tracker)
+    _Loop(cfg, info, parts).run(progress)
+
+
+@dataclass
+class LoopParts:
+    """What one worker's loop works with, built by train_func."""
+
+    net: torch.nn.Module  # as prepared by Ray Train (DDP when world > 1), compiled on request
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    amp_dtype: torch.dtype | None  # None: no autocast
+    device: torch.device
+    rank: int
+    world: int
+    tracker: Any  # morphmlp.tracking.Tracker, enabled on rank 0
 
 
 class _Loop:
-    def __init__(self, cfg, info, net, optimizer, scaler, amp_dtype, device, rank, world, tracker):
-        self.cfg, self.info, self.net = cfg, info, net
-        self.optimizer, self.scaler, self.amp_dtype = optimizer, scaler, amp_dtype
-        self.device, self.rank, self.world, self.tracker = device, rank, world, tracker
-        self.total_steps = cfg.optim.epochs * info.steps_per_epoch
-        self.warmup_steps = math.ceil(cfg.optim.warmup_epochs * info.steps_per_epoch)
+    def __init__(self, cfg: TrainJobConfig, info: RunInfo, parts: LoopParts):
+        self.cfg, self.info = cfg, info
+        self.net, self.optimizer, self.scaler = parts.net, parts.optimizer, parts.scaler
+        self.amp_dtype, self.device = parts.amp_dtype, parts.device
+        self.rank, self.world, self.tracker = parts.rank, parts.world, parts.tracker
+        device = parts.device
+        # The schedule in positions (samples): the same for every global batch.
+        self.total_positions = cfg.optim.epochs * info.epoch_size
+        self.warmup_positions = math.ceil(cfg.optim.warmup_epochs * info.epoch_size)
         self.mean = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1, 1)
         self.std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1, 1)
         # Validation views are deterministic: a shard that fits data.val_cache_mb is decoded once
@@ -156,13 +160,14 @@ class _Loop:
         self.val_cache_fits = cfg.data.val_cache_mb > 0
 
     # -- the pieces of one step ------------------------------------------------------------
-    def lr(self, step: int) -> float:
+    def lr(self, position: int) -> float:
+        """The release's warmup + cosine, as a function of the sample position."""
         o = self.cfg.optim
         return optim.lr_at(
-            step,
+            position,
             base_lr=self.cfg.scaled_lr,
-            total_steps=self.total_steps,
-            warmup_steps=self.warmup_steps,
+            total_steps=self.total_positions,
+            warmup_steps=self.warmup_positions,
             warmup_start_lr=o.warmup_start_lr,
             min_lr=o.min_lr,
         )
@@ -213,9 +218,12 @@ class _Loop:
     # -- the loop ----------------------------------------------------------------------------
     def run(self, progress: Progress) -> None:
         cfg, info = self.cfg, self.info
-        if progress.step >= self.total_steps:
+        if progress.position >= self.total_positions:
             self.finish(progress)
             return
+        gb = cfg.global_batch
+        epoch_stop = schedule.epoch_stop(progress.position, info.epoch_size, gb)
+        progress.global_batch = gb
         accum = cfg.optim.grad_accum_steps
         meter = _Meter()
         micro = 0
@@ -227,14 +235,14 @@ class _Loop:
                 seed = step_seed(cfg.run.seed, self.rank, progress.step)
                 torch.manual_seed(seed)  # drop path
                 gen.manual_seed(seed)  # erasing, mixup
-                optim.set_lr(self.optimizer, self.lr(progress.step))
+                optim.set_lr(self.optimizer, self.lr(progress.position))
             meter.wait += waited
             x, targets = self.prepare(batch["clip"], batch["label"], gen)
             sync = micro == accum - 1 or self.world == 1
             ctx = contextlib.nullcontext() if sync else self.net.no_sync()
             with ctx, self.autocast():
                 logits = self.net(x)
-                loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+                loss = soft_target_cross_entropy(logits, targets)
             (self.scaler.scale(loss / accum) if self.scaler else loss / accum).backward()
             meter.loss += loss.detach()
             meter.clips += x.shape[0]
@@ -244,21 +252,24 @@ class _Loop:
             micro = 0
             self.optimizer_step()
             progress.step += 1
-            progress.position += cfg.global_batch
+            progress.position += gb
             meter.steps += 1
             meter.time += time.perf_counter() - step_start
             step_start = time.perf_counter()
 
-            epoch_end = progress.step % info.steps_per_epoch == 0
+            epoch_end = progress.position >= epoch_stop
             # also at each epoch's end, so that short epochs still get their step metrics
             if progress.step % cfg.run.log_every_steps == 0 or epoch_end:
                 self.log_step(progress, meter)
                 meter = _Meter()
             if epoch_end:
-                progress.epoch = progress.step // info.steps_per_epoch
+                # the epoch's remainder (under one global batch) is skipped, as drop_last does
+                progress.epoch = schedule.epoch_of(progress.position - 1, info.epoch_size) + 1
+                progress.position = progress.epoch * info.epoch_size
+                epoch_stop = schedule.epoch_stop(progress.position, info.epoch_size, gb)
                 stop = self.end_epoch(progress)
                 self.net.train()
-                if stop or progress.step >= self.total_steps:
+                if stop or progress.position >= self.total_positions:
                     break
             elif cfg.run.checkpoint_every_steps and (
                 progress.step % cfg.run.checkpoint_every_steps == 0
@@ -286,10 +297,14 @@ class _Loop:
         loss = float(meter.loss) / (meter.steps * self.cfg.optim.grad_accum_steps)
         clips_per_s = meter.clips * self.world / max(meter.time, 1e-9)
         step_time = meter.time / meter.steps
-        eta = (self.total_steps - progress.step) * step_time
+        gb, n = self.cfg.global_batch, self.info.epoch_size
+        left = schedule.steps_left(progress.position, self.cfg.optim.epochs, n, gb)
+        eta = left * step_time
         metrics = {
             "train/loss": loss,
-            "train/lr": self.lr(progress.step - 1),
+            "train/lr": self.lr(progress.position - gb),
+            "train/global_batch": gb,
+            "train/world_size": self.world,
             "train/clips_per_s": clips_per_s,
             "train/data_wait_fraction": meter.wait / max(meter.time, 1e-9),
         }
@@ -297,8 +312,8 @@ class _Loop:
         log.info(
             "step %d/%d  epoch %.2f  loss %.4f  lr %.2e  %.1f clips/s  data wait %.0f%%  ETA %s",
             progress.step,
-            self.total_steps,
-            progress.step / self.info.steps_per_epoch,
+            progress.step + left,
+            progress.position / n,
             loss,
             metrics["train/lr"],
             clips_per_s,
@@ -328,10 +343,13 @@ class _Loop:
                 val["val/loss"],
                 100 * progress.best_top1,
                 progress.best_epoch,
-                int(bad.get("data/bad_videos", 0)),
+                int(sum(v for k, v in bad.items() if k.endswith("_bad_videos"))),
                 time.perf_counter() - t0,
             )
-        stop = bad.get("data/bad_fraction", 0.0) > self.cfg.data.max_bad_fraction
+        stop = any(
+            v > self.cfg.data.max_bad_fraction for k, v in bad.items() if k.endswith("_fraction")
+        )
+        self.save_bad_data(stop)
         self.save(progress, {**metrics, "stop_bad_data": float(stop)})
         return stop
 
@@ -380,15 +398,28 @@ class _Loop:
             self.val_cache = kept
 
     def bad_data_summary(self) -> dict[str, float]:
-        if not self.info.bad_data_ledger:
-            return {}
-        from morphmlp.data.pipeline import BadDataLedger
+        """Bad videos and their fraction per split, over every attempt of this run."""
+        from morphmlp.data.bad_data import BadDataLedger
 
-        summary = BadDataLedger.lookup(self.info.bad_data_ledger).summary()
-        return {
-            "data/bad_videos": float(summary["bad"]),
-            "data/bad_fraction": float(summary["fraction"]),
-        }
+        metrics = {}
+        for split, name in self.info.bad_data_ledgers.items():
+            summary = BadDataLedger.lookup(name).summary()
+            metrics[f"data/{split}_bad_videos"] = float(summary["bad"])
+            metrics[f"data/{split}_bad_fraction"] = float(summary["fraction"])
+        return metrics
+
+    def save_bad_data(self, stopped: bool) -> None:
+        """Rank 0 keeps what the ledgers found in the run's storage, beside the checkpoints, so
+        that a re-run counts it (and refuses to go on past the threshold: train/driver.py)."""
+        if self.rank != 0 or not self.info.bad_data_ledgers:
+            return
+        from morphmlp.data.bad_data import BadDataLedger, save_states
+
+        states = {s: BadDataLedger.lookup(n).state() for s, n in self.info.bad_data_ledgers.items()}
+        save_states(
+            storage.join(self.info.run_dir, BAD_DATA_FILE),
+            {"stopped": stopped, "max_bad_fraction": self.cfg.data.max_bad_fraction, **states},
+        )
 
     def export(self, kind: str, metrics: dict[str, float]) -> None:
         """Weights-only model file at <run_dir>/<kind>/model.pt (rank 0, atomic)."""
@@ -437,8 +468,9 @@ class _Loop:
             )
 
     def finish(self, progress: Progress) -> None:
-        if progress.step >= self.total_steps:
+        if progress.position >= self.total_positions:
             self.export("final", {"step": progress.step, "best_val_top1": progress.best_top1})
+        self.tracker.flush()
 
 
 @dataclass

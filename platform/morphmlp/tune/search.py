@@ -1,19 +1,23 @@
 """The architecture search: Ray Tune runs one Ray Train run per trial, ASHA stops the laggards.
 
 Flow: `prepare_search` (no cluster) resolves the base training config, checks the dataset,
-storage, MLflow and the whole search space, and draws every trial's configuration with its
-params and GMACs. `run_search` then joins the cluster, bounds concurrency by its resources, and
-runs (or, for a name that exists, resumes) the Tune experiment. Each trial is `run_trial`: a
-function that builds the trial's TorchTrainer through `morphmlp.train` and calls fit() (Train
-V2's Tune pattern); Train's reports reach Tune through TuneReportCallback. At the end: the
-trials ranked by Pareto front, a plot, and the best configuration as a variant file, all in
-storage and in MLflow (one parent run per search, the trials' training runs nested under it).
+storage, MLflow and the whole search space (the base's TrainPlan), and draws every trial's
+configuration with its params and GMACs. `run_search` then joins the cluster, bounds
+concurrency by its resources, and runs (or, for a name that exists, resumes) the Tune
+experiment. Each trial is `run_trial`: a function that plans the trial from the base's plan
+(`train.driver.plan_trial`: the index and the checks are the parent's), builds its TorchTrainer
+and calls fit() (Train V2's Tune pattern); Train's reports reach Tune through
+TuneReportCallback. The plan and the trials' configs reach the trials as objects
+(`tune.with_parameters`), not as files. At the end: the trials ranked by Pareto front, a plot,
+and the best configuration as a variant file, all in storage and in MLflow (one parent run per
+search, the trials' training runs nested under it).
 
 Storage, under <storage>/<name>/:
     search.json                 the parent MLflow run and the drawn trials (read on resume)
     tune/                       Ray Tune's experiment (restored when the same name is re-run)
-    trials/<trial>/             the trial's variant.yaml and config.yaml, then its Ray Train run
-                                (checkpoints, best/ and final/ models, MLflow run id)
+    trials/<trial>/             the trial's variant.yaml and config.yaml (the record of what
+                                it trains: a resumed search reads the configs back), then its
+                                Ray Train run (checkpoints, best/ and final/ models, MLflow run)
     pareto.csv, pareto.md, pareto.png, best.yaml (variant), best_config.yaml (training config)
 """
 
@@ -37,16 +41,24 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from morphmlp import storage, tracking
 from morphmlp.cluster import connect_ray
-from morphmlp.config import ConfigError, flatten, from_dict, load_yaml, merge, to_dict
+from morphmlp.config import (
+    ConfigError,
+    check,
+    check_at_least,
+    flatten,
+    from_dict,
+    load_yaml,
+    merge,
+    to_dict,
+    to_yaml,
+)
 from morphmlp.errors import MorphMLPError
 from morphmlp.models import load_variant_file, save_variant_file
-from morphmlp.train.config import TrainJobConfig, architecture, resolve_config, steps_per_epoch
-from morphmlp.train.trainer import (
-    MLFLOW_RUN_FILE,
-    ResumeError,
-    prepare,
-    run_training,
-)
+from morphmlp.models.factory import model_config
+from morphmlp.train.config import TrainJobConfig, resolve_config, steps_per_epoch
+from morphmlp.train.driver import TrainPlan, absolute_storage, plan_trial, prepare, run_training
+from morphmlp.train.recording import MLFLOW_RUN_FILE
+from morphmlp.train.resume import ResumeError
 from morphmlp.tune import report
 from morphmlp.tune.space import DEFAULT_SPACE, SearchSpace, Trial, load_space, training_tree
 
@@ -84,10 +96,9 @@ class SearchConfig:
     experiment: str = "morphmlp-tune"  # MLflow experiment of the parent and trial runs
 
     def __post_init__(self) -> None:
-        if self.trials < 1:
-            raise ConfigError(f"trials={self.trials} must be >= 1")
-        if self.max_concurrent is not None and self.max_concurrent < 1:
-            raise ConfigError(f"max_concurrent={self.max_concurrent} must be >= 1 or unset")
+        check_at_least("", self, 1, "trials", "grace_epochs")
+        check_at_least("", self, 1, "max_concurrent", optional=True)
+        check("", self, "reduction_factor", self.reduction_factor > 1, "> 1")
         if self.objective not in ("top1", "top1-under-gmacs"):
             raise ConfigError(f"objective {self.objective!r}: choose 'top1' or 'top1-under-gmacs'")
         if self.objective == "top1-under-gmacs":
@@ -100,10 +111,6 @@ class SearchConfig:
             raise ConfigError(
                 f"a GMACs budget ({self.gmacs_budget}) needs --objective top1-under-gmacs"
             )
-        if self.grace_epochs < 1:
-            raise ConfigError(f"grace_epochs={self.grace_epochs} must be >= 1")
-        if self.reduction_factor <= 1:
-            raise ConfigError(f"reduction_factor={self.reduction_factor} must be > 1")
 
     @property
     def max_gmacs(self) -> float | None:
@@ -119,7 +126,8 @@ class SearchPlan:
     name: str
     root: str  # <storage>/<name>
     trials: list[Trial]
-    trees: dict[str, dict[str, Any]]  # trial name -> its full training config
+    configs: dict[str, TrainJobConfig]  # trial name -> its full training config
+    train: TrainPlan  # the base's plan: the index and the checks every trial shares
 
     @property
     def epochs(self) -> int:
@@ -138,9 +146,11 @@ class SearchOutcome:
     report_files: list[str]  # URIs of pareto.csv, pareto.md, pareto.png
 
 
-def prepare_search(search: SearchConfig, train_tree: dict[str, Any]) -> SearchPlan:
-    """Every check that needs no cluster, and the trials' configurations; writes nothing but
-    storage and MLflow probes. Raises MorphMLPError subclasses with one-line messages."""
+def base_config(
+    search: SearchConfig, train_tree: dict[str, Any]
+) -> tuple[SearchSpace, TrainJobConfig]:
+    """The search space and the training config its trials start from (the space's variant,
+    its recipe, then the user's layers); reads the space, checks nothing else."""
     space = load_space(search.space)
     given = train_tree.get("model", {}).get("variant")
     if given is not None and given != space.variant:
@@ -154,36 +164,45 @@ def prepare_search(search: SearchConfig, train_tree: dict[str, Any]) -> SearchPl
             "model.pretrained can't initialise trials whose architecture is searched; remove it "
             f"or search only training keys (architecture: {', '.join(space.architecture)})"
         )
-    dataset_name = "demo" if base.dataset == "demo" else _stem(base.dataset)
+    return space, base
+
+
+def prepare_search(search: SearchConfig, train_tree: dict[str, Any]) -> SearchPlan:
+    """Every check that needs no cluster, and the trials' configurations; writes nothing but
+    storage and MLflow probes. Raises MorphMLPError subclasses with one-line messages."""
+    space, user_base = base_config(search, train_tree)
+    dataset_name = "demo" if user_base.dataset == "demo" else _stem(user_base.dataset)
     name = search.name or f"tune-{_stem(search.space)}-{dataset_name}"
-    storage_root = base.run.storage
-    if not storage.is_uri(storage_root):
-        storage_root = os.path.abspath(storage_root)
-    root = storage.join(storage_root, name)
-    # The base config must train: dataset, batch, storage and MLflow are checked as for a run.
-    base.run.storage = storage.join(root, TRIALS_DIR)
-    prep = prepare(base, resume="auto")
-    base.dataset = prep.index_uri  # resolved once: trials must not each regenerate the demo
+    root = storage.join(absolute_storage(user_base.run.storage), name)
+    # The base config must train: dataset, batch, storage and MLflow are checked as for a run,
+    # with its runs under the search's trials folder.
+    trials_dir = storage.join(root, TRIALS_DIR)
+    with_trials_dir = dataclasses.replace(
+        user_base, run=dataclasses.replace(user_base.run, storage=trials_dir)
+    )
+    train = prepare(with_trials_dir, resume="auto")
+    # the index resolved once (the demo's, when generated): trial configs name it as it is
+    base = dataclasses.replace(with_trials_dir, dataset=train.index_uri)
     if search.grace_epochs > base.optim.epochs:
         raise ConfigError(
             f"grace_epochs={search.grace_epochs} exceeds the {base.optim.epochs} epochs per trial"
         )
 
-    overrides = {"num_classes": prep.train_index.num_classes}
+    overrides = {"num_classes": train.train_index.num_classes}
     for key in ("num_frames", "img_size", "drop_path_rate"):
         if getattr(base.model, key) is not None:
             overrides[key] = getattr(base.model, key)
-    base_arch = architecture(space.variant, **overrides)
+    base_arch = model_config(space.variant, **overrides)
     space.check(base_arch, to_dict(base))
     trials = space.sample(base_arch, search.trials, seed=search.seed, max_gmacs=search.max_gmacs)
-    num_train = len(prep.train_index)
-    trees = {t.name: _trial_tree(base, t, root, search.experiment, num_train) for t in trials}
-    return SearchPlan(search, space, base, name, root, trials, trees)
+    num_train = len(train.train_index)
+    configs = {t.name: _trial_config(base, t, root, search.experiment, num_train) for t in trials}
+    return SearchPlan(search, space, base, name, root, trials, configs, train)
 
 
-def _trial_tree(
+def _trial_config(
     base: TrainJobConfig, trial: Trial, root: str, experiment: str, num_train: int
-) -> dict[str, Any]:
+) -> TrainJobConfig:
     trial_dir = storage.join(root, TRIALS_DIR, trial.name)
     tree = merge(
         training_tree(to_dict(base), trial.training),
@@ -200,28 +219,36 @@ def _trial_tree(
         },
     )
     try:
-        steps_per_epoch(num_train, from_dict(TrainJobConfig, tree))
+        cfg = from_dict(TrainJobConfig, tree)
+        steps_per_epoch(num_train, cfg)
     except ConfigError as err:
         raise ConfigError(f"{trial.name} ({trial.values}): {err}") from err
-    return tree
+    return cfg
 
 
 def run_search(prep: SearchPlan, *, address: str | None = None) -> SearchOutcome:
     """Run the search (or resume it: same name), then rank, plot and record the trials."""
     connect_ray(address)
     tune_dir = storage.join(prep.root, TUNE_DIR)
-    trainable = tune.with_resources(run_trial, TRIAL_DRIVER_RESOURCES)
+
+    def trainable(configs: dict[str, TrainJobConfig]):
+        # the base's plan and the trials' configs go through the object store, once
+        with_plan = tune.with_parameters(run_trial, base=prep.train, configs=configs)
+        return tune.with_resources(with_plan, TRIAL_DRIVER_RESOURCES)
+
     if tune.Tuner.can_restore(tune_dir):
         # Tune keeps the trials and settings of the first run, but not ASHA's records: resumed
         # trials report where they stand again (see run_trial).
         parent_run_id, planned = _parent_run(prep, resume=True)
         log.info("Resuming search %s from %s", prep.name, storage.redact(tune_dir))
-        tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True)
+        tuner = tune.Tuner.restore(
+            tune_dir, trainable=trainable(_saved_configs(prep)), resume_unfinished=True
+        )
     else:
         max_concurrent = concurrency(prep)
         parent_run_id, planned = _parent_run(prep, resume=False)
         _write_trial_files(prep)
-        tuner = _new_tuner(prep, trainable, parent_run_id, max_concurrent)
+        tuner = _new_tuner(prep, trainable(prep.configs), parent_run_id, max_concurrent)
     grid = tuner.fit()
     # After Ctrl-C, Tune ends the running trials and returns: trials never started are missing,
     # and the interrupted ones have no final ("done") result and no error.
@@ -237,21 +264,21 @@ def run_search(prep: SearchPlan, *, address: str | None = None) -> SearchOutcome
     return _finish(prep, grid, parent_run_id)
 
 
-def run_trial(config: dict[str, Any]) -> None:
+def run_trial(
+    config: dict[str, Any], *, base: TrainPlan, configs: dict[str, TrainJobConfig]
+) -> None:
     """One trial: a Ray Train run of the trial's configuration, reporting to Tune."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     search = config["search"]
     # A trial runs in a Ray worker, which doesn't inherit the driver's environment.
     os.environ["MLFLOW_TRACKING_URI"] = search["tracking_uri"]
-    trial_dir = storage.join(search["root"], TRIALS_DIR, config["trial"]["name"])
-    cfg = from_dict(TrainJobConfig, load_yaml(storage.join(trial_dir, CONFIG_FILE)))
     # A restarted trial (search resumed) continues from its run's latest checkpoint.
-    prep = prepare(cfg, resume="auto")
-    if prep.progress is not None:
+    plan = plan_trial(base, configs[config["trial"]["name"]])
+    if plan.progress is not None:
         # Tune keeps no ASHA state across a restore: report where the run stands, so that the
         # scheduler judges it again (and may stop it) before it trains on.
-        tune.report(ray.train.Result.from_path(prep.run_dir).metrics)
-    run_training(prep, callbacks=[TuneReportCallback()], parent_run_id=search["parent_run_id"])
+        tune.report(ray.train.Result.from_path(plan.run_dir).metrics)
+    run_training(plan, callbacks=[TuneReportCallback()], parent_run_id=search["parent_run_id"])
 
 
 class EpochASHA(AsyncHyperBandScheduler):
@@ -349,8 +376,20 @@ def _write_trial_files(prep: SearchPlan) -> None:
     for trial in prep.trials:
         trial_dir = storage.join(prep.root, TRIALS_DIR, trial.name)
         save_variant_file(trial.arch, storage.join(trial_dir, VARIANT_FILE))
-        text = yaml.safe_dump(prep.trees[trial.name], sort_keys=False)
+        text = to_yaml(prep.configs[trial.name])
         storage.write_bytes_atomic(storage.join(trial_dir, CONFIG_FILE), text.encode())
+
+
+def _saved_configs(prep: SearchPlan) -> dict[str, TrainJobConfig]:
+    """A resumed search's trials train as they were drawn: their configs as the first run of
+    the search wrote them (the space may have changed since; _parent_run warns)."""
+    saved = json.loads(storage.read_bytes(storage.join(prep.root, SEARCH_FILE)))["trials"]
+    return {
+        name: from_dict(
+            TrainJobConfig, load_yaml(storage.join(prep.root, TRIALS_DIR, name, CONFIG_FILE))
+        )
+        for name in saved
+    }
 
 
 def _parent_run(prep: SearchPlan, *, resume: bool) -> tuple[str, int]:
