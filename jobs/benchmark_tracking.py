@@ -14,11 +14,11 @@ same store after --down-for more, and let the run complete. Printed (and written
   an epoch end (validation) are left out of the wall figures, and the first --warmup steps (the
   data pipeline starting) out of every figure. "During" runs from the kill until the restarted
   server answers /health, so it includes the server's start-up time.
-- the ratios during/before (target: within 5%) and after/before (both with the server up: how
-  much the step time moves without an outage on this machine), the job's exit code, how many
-  "MLflow ... failed" warnings it printed (target: exactly one) and urllib3 "Retrying" lines,
-  whether it printed "MLflow is back", and what the restarted server holds: every step's
-  train/loss (none lost) and the run's status (FINISHED).
+- the ratios during/before (target: within 5%), after/before (both with the server up: how
+  much the step time moves without an outage on this machine) and during/after; the job's exit
+  code, how many "MLflow ... failed" warnings it printed (target: exactly one) and urllib3
+  "Retrying" lines, whether it printed "MLflow is back", and what the restarted server holds:
+  every step's train/loss (none lost) and the run's status (FINISHED).
 
 The two cores of the machine this was written on are shared with other work: step times vary by
 more than the effect being measured, so the load average is printed with the figures.
@@ -85,6 +85,8 @@ class Result:
     ratio_during_before_wall: float | None = None
     ratio_after_before_step_time: float | None = None  # the noise: both with the server up
     ratio_after_before_wall: float | None = None
+    ratio_during_after_step_time: float | None = None  # against the server-up steps that follow
+    ratio_during_after_wall: float | None = None
     mlflow_run_id: str | None = None
     mlflow_status: str | None = None
     loss_steps_logged: int | None = None
@@ -213,9 +215,9 @@ def summarize(steps: list[Step], batch: int) -> dict:
     return out
 
 
-def ratio(medians: dict, phase: str, key: str) -> float | None:
-    before, other = medians["before"][key], medians[phase][key]
-    return other / before if before and other else None
+def ratio(medians: dict, phase: str, key: str, base: str = "before") -> float | None:
+    reference, other = medians[base][key], medians[phase][key]
+    return other / reference if reference and other else None
 
 
 def run(args: argparse.Namespace, workdir: Path) -> Result:
@@ -269,6 +271,10 @@ def run(args: argparse.Namespace, workdir: Path) -> Result:
         result.ratio_during_before_wall = ratio(result.medians, "during", "wall_s")
         result.ratio_after_before_step_time = ratio(result.medians, "after", "step_time_s")
         result.ratio_after_before_wall = ratio(result.medians, "after", "wall_s")
+        result.ratio_during_after_step_time = ratio(
+            result.medians, "during", "step_time_s", "after"
+        )
+        result.ratio_during_after_wall = ratio(result.medians, "during", "wall_s", "after")
         check_mlflow(uri, result)
     finally:
         if server is not None:
@@ -376,6 +382,8 @@ def report(result: Result) -> None:
     print(f"during/before wall:      {pct(result.ratio_during_before_wall)}")
     print(f"after/before step time:  {pct(result.ratio_after_before_step_time)}  (the noise)")
     print(f"after/before wall:       {pct(result.ratio_after_before_wall)}")
+    print(f"during/after step time:  {pct(result.ratio_during_after_step_time)}")
+    print(f"during/after wall:       {pct(result.ratio_during_after_wall)}")
     print(f"job exit code:           {result.exit_code}")
     print(f"'MLflow ... failed':     {result.failed_warnings} warning(s) (target: 1)")
     print(f"urllib3 'Retrying' lines: {result.urllib3_retry_lines}")

@@ -15,14 +15,11 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import stat
 import subprocess
 import sys
 import tempfile
-import time
 import tomllib
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -30,6 +27,7 @@ import jsonschema
 import pytest
 import ray.autoscaler
 import yaml
+from conftest import free_port, start_mlflow_server
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -540,41 +538,11 @@ def test_every_schedule_writes_the_leaderboard_to_object_storage_or_an_absolute_
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server on 127.0.0.1, as the cluster has one (empty registry)."""
     root = tmp_path_factory.mktemp("mlflow")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}"
-    # Its own command line: the server is another machine's process in the cluster.
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{root}/mlflow.db",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    port = free_port()
+    # Its own process: the server is another machine's process in the cluster.
+    proc = start_mlflow_server(root, port)
     try:
-        for _ in range(240):
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                    break
-            except OSError:
-                assert proc.poll() is None, "mlflow server exited"
-                time.sleep(0.5)
-        else:
-            raise AssertionError("mlflow server did not start")
-        yield uri
+        yield f"http://127.0.0.1:{port}"
     finally:
         os.killpg(proc.pid, 9)
         proc.wait()

@@ -301,14 +301,14 @@ def test_keeps_feeding_batches_when_a_trainer_holds_most_cpus(ray_session, video
     from ray.util.placement_group import placement_group, remove_placement_group
 
     ray = ray_session
-    # As a Ray Train worker group would: 3.5 of the 4 CPUs reserved, and excluded from Data.
+    # As a Ray Train worker group would: 3.5 of the 4 CPUs reserved, and Data limited to the rest.
     reserved = placement_group([{"CPU": 3.5}])
     ray.get(reserved.ready())
     try:
         index = _index([videos["h264"], videos["vp9"]], [0, 1], ["x", "y"])
         cfg = DataConfig(**{**PLAIN, "cpus_per_decode_actor": 0.25})
         ds = build_train_dataset(index, cfg, seed=0, num_epochs=2, samples_per_epoch=2)
-        ds.context.execution_options.exclude_resources = ExecutionResources(cpu=3.5)
+        ds.context.execution_options.resource_limits = ExecutionResources(cpu=0.5)
         batches = list(ds.iter_torch_batches(batch_size=2))
     finally:
         remove_placement_group(reserved)

@@ -5,55 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
+from conftest import free_port, start_mlflow_server
 
 from morphmlp import tracking
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(tmp_path, port: int) -> subprocess.Popen:
-    mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    proc = subprocess.Popen(
-        [
-            mlflow_bin,
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path}/mlflow.db",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("mlflow server did not start")
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -64,9 +23,9 @@ def _kill(proc: subprocess.Popen) -> None:
 def test_an_outage_queues_calls_warns_once_and_delivers_them_when_the_server_is_back(
     tmp_path, caplog
 ):
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = _start_server(tmp_path, port)
+    server = start_mlflow_server(tmp_path, port)
     try:
         run_id = tracking.start_run("outage", "r", tags={}, uri=uri)
         tracker = tracking.Tracker(run_id, uri, retry_s=0.5)
@@ -78,7 +37,7 @@ def test_an_outage_queues_calls_warns_once_and_delivers_them_when_the_server_is_
             for step in range(1, 21):
                 tracker.log_metrics({"m": float(step)}, step=step)
             assert not tracker.flush(timeout_s=3)  # the server is away: nothing can be sent
-            server = _start_server(tmp_path, port)
+            server = start_mlflow_server(tmp_path, port)
             assert tracker.flush(timeout_s=60)
         failures = [r for r in caplog.records if "failed" in r.getMessage()]
         assert len(failures) == 1, [r.getMessage() for r in caplog.records]

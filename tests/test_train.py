@@ -200,7 +200,9 @@ def test_worker_and_driver_failures_resume_from_s3_checkpoints(
     bucket = s3_bucket.removeprefix("s3://")
     storage = f"{s3_bucket}/runs"
     name = "ft"
-    epochs, batch = 3, 4  # 24 training videos: 6 steps an epoch, 18 in all
+    # 2 workers x batch 2: a global batch of 4 and 24 training videos, so 6 steps an epoch, 18
+    # in all
+    epochs, batch, ranks = 3, 2, 2
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     cmd = [
         *TRAIN,
@@ -214,6 +216,8 @@ def test_worker_and_driver_failures_resume_from_s3_checkpoints(
         str(epochs),
         "--batch-size",
         str(batch),
+        "--workers",
+        str(ranks),
         "--cpus-per-worker",
         "0.5",
         "--set",
@@ -241,9 +245,9 @@ def test_worker_and_driver_failures_resume_from_s3_checkpoints(
             for p in psutil.Process(first.pid).children(recursive=True)
             if "RayTrainWorker" in " ".join(p.cmdline())
         ]
-        assert len(workers) == 1
+        assert len(workers) == 2
         committed = latest_progress(f"{storage}/{name}").step
-        workers[0].send_signal(signal.SIGKILL)
+        workers[1].send_signal(signal.SIGKILL)  # one of the two ranks dies mid-epoch
         # Ray restarts the worker group; it must carry on past the first epoch from S3.
         _wait(
             lambda: _committed_step(f"{storage}/{name}") >= 8,
@@ -282,7 +286,7 @@ def test_worker_and_driver_failures_resume_from_s3_checkpoints(
     assert resumed_from, second.stdout[-3000:] + second.stderr[-3000:]
     assert int(resumed_from.group(1)) == stopped_at.step, resumed_from.group(0)
     done = latest_progress(f"{storage}/{name}")
-    assert (done.step, done.epoch, done.position) == (18, 3, 18 * batch)
+    assert (done.step, done.epoch, done.position) == (18, 3, 18 * batch * ranks)
 
     # One MLflow run across both drivers: every step logged, every epoch validated once or more.
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
@@ -299,11 +303,12 @@ def test_worker_and_driver_failures_resume_from_s3_checkpoints(
     assert {v.tags["kind"] for v in versions} == {"best", "final"}
     assert all(v.tags["variant"] == "xs" for v in versions)
     keys = _checkpoint_steps(bucket, f"runs/{name}/")
-    assert keys and max(keys) == 18
+    assert keys == [16, 18]  # run.keep_last (2) checkpoints; the best model is kept apart:
     import boto3
 
-    listing = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=f"runs/{name}/final/")
-    assert [o["Key"] for o in listing["Contents"]] == [f"runs/{name}/final/model.pt"]
+    for kind in ("best", "final"):
+        listing = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=f"runs/{name}/{kind}/")
+        assert [o["Key"] for o in listing["Contents"]] == [f"runs/{name}/{kind}/model.pt"]
 
 
 def test_a_cut_off_ray_snapshot_is_reported_by_name(tmp_path):
@@ -446,8 +451,8 @@ def test_a_run_resumed_on_another_world_size_continues_at_its_sample_and_runs_ev
     assert client.get_run(run_id).data.metrics == before
     assert len(client.search_model_versions(f"run_id='{run_id}'")) == len(versions)
     aliases = client.get_registered_model("morphmlp").aliases
-    assert set(aliases) >= {"best", "latest"}
-    assert str(aliases["latest"]) in {v.version for v in versions if v.tags["kind"] == "final"}
+    assert set(aliases) >= {"best", "newest"}
+    assert str(aliases["newest"]) in {v.version for v in versions if v.tags["kind"] == "final"}
 
 
 def test_a_run_stopped_for_bad_data_is_not_continued_unless_the_threshold_is_raised(
@@ -483,3 +488,25 @@ def test_a_run_stopped_for_bad_data_is_not_continued_unless_the_threshold_is_rai
         plan = prepare(resolve_config(tree))
     assert plan.run_name == "bd"
     assert "data.max_bad_fraction is now 30.00%, so it continues" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_in_its_workers_ends_failed_in_mlflow(tiny_demo_index, tmp_path):
+    """The pretrained file exists (the driver checks that) but is no checkpoint: every worker
+    fails loading it. The MLflow run must not stay RUNNING."""
+    import mlflow
+
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    result = _run_train(
+        *("--dataset", tiny_demo_index, "--storage", str(tmp_path / "runs"), "--name", "bad"),
+        *("--pretrained", str(junk), "--epochs", "1", "--cpus-per-worker", "0.5"),
+        *("--set", "scaling.max_failures=0"),
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("morphmlp-demo").experiment_id])
+    assert run.info.status == "FAILED", result.stderr[-2000:]

@@ -230,7 +230,12 @@ class Tracker:
             while self._queue or self._busy:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    log.warning("MLflow: %d calls not sent (server unreachable)", len(self._queue))
+                    log.warning(
+                        "MLflow: %d logging calls (metrics, params, tags) not sent: the server "
+                        "was unreachable for %.0f s; the run's history in MLflow is incomplete",
+                        len(self._queue),
+                        timeout_s,
+                    )
                     return False
                 self._wake.wait(min(left, 1.0))
         return True
@@ -309,10 +314,11 @@ def ui_hint(uri: str | None = None) -> str:
     return f"mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)"
 
 
-# Registry aliases. Training moves `latest` to the run's final model and `best` to the version
+# Registry aliases. Training moves `newest` to the run's final model and `best` to the version
 # with the highest validation top-1 (each version's `val_top1` tag: its own run's val split);
 # `jobs/reevaluate.py --promote BENCHMARK` moves `champion` to that benchmark's top version.
-ALIAS_BEST, ALIAS_LATEST, ALIAS_CHAMPION = "best", "latest", "champion"
+# (MLflow reserves the alias name "latest": `models:/morphmlp/latest` is its newest version.)
+ALIAS_BEST, ALIAS_NEWEST, ALIAS_CHAMPION = "best", "newest", "champion"
 
 
 def set_alias(alias: str, version: str, uri: str | None = None) -> None:
@@ -323,7 +329,7 @@ def update_training_aliases(versions: Mapping[str, str], uri: str | None = None)
     """After a training run registered `versions` ({"best": v, "final": v}): move the aliases."""
     latest = versions.get("final") or versions.get("best")
     if latest is not None:
-        set_alias(ALIAS_LATEST, latest, uri)
+        set_alias(ALIAS_NEWEST, latest, uri)
     scored = [
         (float(mv.tags["val_top1"]), int(mv.version))
         for mv in client(uri).search_model_versions(f"name='{REGISTERED_MODEL}'")

@@ -272,10 +272,10 @@ def run_training(
             name=plan.run_name,
             storage_path=plan.storage_root,
             # worker failures restart from the checkpoint; a worker group that can't be
-            # started (placed) fails the run after as many tries instead of retrying forever
+            # started (placed) fails the run after a few tries instead of retrying forever
             failure_config=ray_train.FailureConfig(
                 max_failures=cfg.scaling.max_failures,
-                controller_failure_limit=cfg.scaling.max_failures,
+                controller_failure_limit=max(3, cfg.scaling.max_failures),
             ),
             checkpoint_config=ray_train.CheckpointConfig(num_to_keep=cfg.run.keep_last),
             callbacks=callbacks,

@@ -174,10 +174,8 @@ class _Loop:
 
     def prepare(self, clips: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
         """uint8 (B, T, H, W, 3) → normalised (B, 3, T, H, W), erased, mixed; soft targets."""
-        o, d = self.cfg.optim, self.cfg.data
-        x = transforms.normalize(clips, self.mean, self.std)
-        if d.random_erasing > 0:
-            x = transforms.random_erasing(x, d.random_erasing, generator=gen)
+        o = self.cfg.optim
+        x = transforms.prepare_clips(clips, self.cfg.data, generator=gen)
         return transforms.mixup_cutmix(
             x,
             labels,
@@ -201,7 +199,9 @@ class _Loop:
 
         shard = ray.train.get_dataset_shard("train")
         batches = shard.iter_torch_batches(
-            batch_size=self.cfg.optim.batch_size,
+            # a batch is batch_size videos, each as data.num_samples clips that the decode actor
+            # made from one decode (PySlowFast's multiple_samples_collate); positions count videos
+            batch_size=self.cfg.optim.batch_size * self.cfg.data.num_samples,
             device=self.device,
             drop_last=True,
             prefetch_batches=2,
@@ -470,7 +470,9 @@ class _Loop:
     def finish(self, progress: Progress) -> None:
         if progress.position >= self.total_positions:
             self.export("final", {"step": progress.step, "best_val_top1": progress.best_top1})
-        self.tracker.flush()
+        # The queued metrics of an outage go out when the server is back; past this wait the
+        # tracker says how many calls it could not send (the checkpoints hold the run anyway).
+        self.tracker.flush(timeout_s=180.0)
 
 
 @dataclass
