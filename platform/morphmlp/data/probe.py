@@ -73,7 +73,7 @@ def probe_videos(
                 len(uris),
                 len(rejects),
                 rate,
-                _duration(eta),
+                format_duration(eta),
             )
             last_log = now
     keep = sorted(results)
@@ -144,7 +144,8 @@ def _sibling(uri: str, suffix: str) -> str:
     return base + suffix
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """An ETA for progress lines: 1h02m, 3m05s, ? (unknown)."""
     if seconds == float("inf"):
         return "?"
     minutes, secs = divmod(int(seconds), 60)

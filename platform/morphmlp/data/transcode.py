@@ -50,7 +50,7 @@ from morphmlp.config import check, check_positive
 from morphmlp.data.decode import BAD_DATA_ERRORS, VideoInfo, probe_video
 from morphmlp.data.errors import VideoDecodeError
 from morphmlp.data.index import REJECTS_SCHEMA, VideoIndex, read_index, write_index, write_rejects
-from morphmlp.data.probe import failure_record
+from morphmlp.data.probe import failure_record, format_duration
 from morphmlp.errors import MorphMLPError, StorageError
 
 log = logging.getLogger(__name__)
@@ -305,7 +305,7 @@ def run_transcode(plan: TranscodePlan) -> TranscodeResult:
                 counts["skipped"],
                 counts["rejected"],
                 rate,
-                _duration(eta),
+                format_duration(eta),
             )
             last_log, logged = now, finished
 
@@ -525,11 +525,3 @@ def _same(a: str, b: str) -> bool:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _duration(seconds: float) -> str:
-    if seconds == float("inf"):
-        return "?"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
