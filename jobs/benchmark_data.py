@@ -22,8 +22,11 @@
      one decode actor (pinned to a core of its own; the driver and Ray's other processes share
      the remaining core), in steady state (--pipeline-warmup, --pipeline-seconds);
    - single process: the same decode-actor code (TrainClips) called in this plain process;
+     CPU is this thread's (time.thread_time: decoding here is single-threaded, and Ray's
+     threads, left from handing TrainClips its table, must not count);
    - baseline: torchcodec (exact seek, decoder-side resize to the same short side, one FFmpeg
-     thread) plus the same augmentation, one plain process: what a torchcodec training loop does.
+     thread) plus the recipe's whole augmentation (RandAugment included, whatever
+     data.augment_on says), one plain process: what a torchcodec training loop does.
    torchcodec is optional (`pip install -e '.[peers]'`; it needs FFmpeg's shared libraries: on
    Debian 12 libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59
    libavfilter8); without it the baseline is skipped with one line and the rest is printed.
@@ -39,6 +42,7 @@ Other processes compete for the cores: the load average is printed with the numb
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -98,6 +102,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--recipe",
         default=DEFAULT_RECIPE,
         help="config whose data section is the recipe of clips-per-cpu (default k400_s16)",
+    )
+    parser.add_argument(
+        "--augment-on",
+        choices=("actor", "worker"),
+        help="clips-per-cpu: data.augment_on instead of the recipe's (worker: RandAugment runs on "
+        "the training worker, in neither the pipeline nor the single-process figure; the "
+        "baseline, a torchcodec loop, always runs all of it)",
     )
     parser.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
     parser.add_argument(
@@ -192,15 +203,14 @@ def make_videos(folder: str, seconds: float) -> dict[str, str]:
 def per_core(paths: dict[str, str], clips: int) -> list[dict]:
     """Clips per CPU-second, ours vs decode-everything-then-pick, one thread each."""
     from morphmlp.data.augment import train_augment
-    from morphmlp.data.decode import decode_frames, output_size, probe_video
+    from morphmlp.data.decode import decode_clip, output_size, probe_video
     from morphmlp.data.sampling import clip_indices
 
     cfg = DataConfig()  # the release's K400 recipe: 16x4, 224, RRC + flip + RandAugment
 
     def ours(uri, info, rng):
         indices = clip_indices(cfg, info.num_frames, info.fps, clip_idx=-1, num_clips=1, rng=rng)
-        frames = decode_frames(uri, indices, short_side=cfg.decode_short_side, threads=1)
-        return train_augment(frames, 0, cfg, rng)[0]
+        return train_augment(decode_clip(uri, indices, threads=1), 0, cfg, rng)[0]
 
     def baseline(uri, info, rng):
         indices = clip_indices(cfg, info.num_frames, info.fps, clip_idx=-1, num_clips=1, rng=rng)
@@ -354,7 +364,6 @@ def recipe_config(path: str) -> DataConfig:
 def footage_index(paths: dict[str, str]):
     """An index of the footage (at least 16 rows, so an epoch mixes the videos), and a
     description of each video (size, frames, keyframe spacing)."""
-    import dataclasses
 
     import pyarrow as pa
 
@@ -380,6 +389,8 @@ def footage_index(paths: dict[str, str]):
 def clips_per_cpu(paths: dict[str, str], args: argparse.Namespace) -> dict:
     """Training clips per CPU-second of the recipe: pipeline, single process, torchcodec."""
     cfg = recipe_config(args.recipe)
+    if args.augment_on:
+        cfg = dataclasses.replace(cfg, augment_on=args.augment_on)
     index, described = footage_index(paths)
     for video in described:
         print(
@@ -388,7 +399,12 @@ def clips_per_cpu(paths: dict[str, str], args: argparse.Namespace) -> dict:
             f"{video['frames_per_keyframe']:.0f} frames",
             flush=True,
         )
-    result: dict = {"recipe": os.path.relpath(args.recipe, REPO), "footage": described}
+    result: dict = {
+        "recipe": os.path.relpath(args.recipe, REPO),
+        "augment_on": cfg.augment_on,
+        "num_samples": cfg.num_samples,
+        "footage": described,
+    }
     samples = args.clips * len(paths)
     result["pipeline"] = _pipeline_per_actor_cpu(index, cfg, args)
     result["single_process"] = _single_process(index, cfg, samples)
@@ -423,7 +439,6 @@ def clips_per_cpu(paths: dict[str, str], args: argparse.Namespace) -> dict:
 def _pipeline_per_actor_cpu(index, cfg: DataConfig, args: argparse.Namespace) -> dict:
     """One decode actor on a core of its own; clips reaching the iterator per CPU-second that
     actor used, over a steady-state window."""
-    import dataclasses
 
     import psutil
     import ray
@@ -537,12 +552,12 @@ def _single_process(index, cfg: DataConfig, samples: int) -> dict:
         batch = cfg.decode_batch_size
         clips({"position": np.arange(batch, dtype=np.int64)})  # warm up
         position, made = batch, 0
-        cpu, wall = time.process_time(), time.perf_counter()
+        cpu, wall = time.thread_time(), time.perf_counter()
         while position < batch + samples:
             out = clips({"position": np.arange(position, position + batch, dtype=np.int64)})
             made += len(out["label"])
             position += batch
-        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
     finally:
         os.sched_setaffinity(0, all_cores)
     return {"clips": made, "cpu_s": cpu, "clips_per_cpu_s": made / cpu, "clips_per_s": made / wall}
@@ -563,6 +578,8 @@ def _torchcodec_baseline(index, cfg: DataConfig, samples: int) -> dict | None:
     except (ImportError, OSError, RuntimeError):  # not installed, or FFmpeg's libraries missing
         return None
     torch.set_num_threads(1)
+    # A torchcodec loop augments in its own process: RandAugment too, wherever the pipeline runs it.
+    cfg = dataclasses.replace(cfg, augment_on="actor")
     table = index.table.to_pylist()
     perm_rng = np.random.default_rng([0, 0])
     perm = perm_rng.permutation(len(table))  # the pipeline's epoch-0 order (TrainClips)
@@ -590,11 +607,11 @@ def _torchcodec_baseline(index, cfg: DataConfig, samples: int) -> dict | None:
     os.sched_setaffinity(0, all_cores[-1:])
     try:
         sample(0)  # warm up
-        cpu, wall = time.process_time(), time.perf_counter()
+        cpu, wall = time.thread_time(), time.perf_counter()
         for position in range(1, samples + 1):
             clip = sample(position)
             assert clip.shape == (cfg.num_frames, cfg.train_crop_size, cfg.train_crop_size, 3)
-        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
     finally:
         os.sched_setaffinity(0, all_cores)
     return {"clips": samples, "cpu_s": cpu, "clips_per_cpu_s": samples / cpu}

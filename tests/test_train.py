@@ -34,7 +34,7 @@ TRAIN = [sys.executable, str(REPO / "jobs" / "train.py")]
 def test_recipe_then_user_tree_and_one_source_for_frames():
     cfg = resolve_config({"optim": {"epochs": 3}, "model": {"variant": "xs"}})
     assert cfg.optim.epochs == 3  # the user's value over the recipe's
-    assert cfg.optim.lr_reference_batch == 16  # from recipes/xs.yaml
+    assert cfg.optim.lr_reference_batch == 8  # from recipes/xs.yaml
     assert (cfg.data.num_frames, cfg.data.train_crop_size) == (8, 112)  # from the variant
     b = resolve_config({"model": {"variant": "b", "num_frames": 32}})
     assert b.data.num_frames == 32 and b.data.test_crop_size == 224
@@ -424,13 +424,14 @@ def test_a_run_resumed_on_another_world_size_continues_at_its_sample_and_runs_ev
     from morphmlp.train import optim
 
     lr = {m.step: m.value for m in client.get_metric_history(run_id, "train/lr")}
+    recipe = resolve_config({"model": {"variant": "xs"}}).optim  # the xs recipe's lr and batch
     attempts = [(range(1, 7), 1, 4), (range(7, 10), 2, 8), (range(10, 16), 3, 4)]
     position = 0
     for steps, epochs, gb in attempts:
         for step in steps:
             want = optim.lr_at(
                 position,
-                base_lr=1e-3 * gb / 16,  # the xs recipe: lr 1e-3 at a batch of 16
+                base_lr=recipe.lr * gb / recipe.lr_reference_batch,
                 total_steps=epochs * 24,
                 warmup_steps=24,
                 warmup_start_lr=1e-6,

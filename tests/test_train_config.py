@@ -96,7 +96,7 @@ def test_print_config_exits_0_naming_the_recipe_without_ray_or_mlflow(job, tmp_p
     printed = yaml.safe_load(result.stdout)
     train = printed if job == "train" else printed["train"]
     assert train["optim"]["epochs"] == 3
-    assert train["optim"]["lr_reference_batch"] == 16  # from the recipe
+    assert train["optim"]["lr_reference_batch"] == 8  # from the recipe (the default is 64)
     recipe = [line for line in result.stderr.splitlines() if "Recipe applied:" in line]
     assert len(recipe) == 1 and os.path.join(RECIPES_DIR, "xs.yaml") in recipe[0], result.stderr
     assert not (tmp_path / "runs").exists()  # nothing prepared

@@ -2,16 +2,18 @@
 
 `connect_ray` joins the cluster at the given address (or RAY_ADDRESS, which `ray job submit` sets
 for its entrypoints) and starts a local Ray when neither is given. An unreachable address fails
-in seconds with one line, where `ray.init` would retry for minutes.
+in seconds with one line, where `ray.init` would retry for minutes. `ray_session` does the same
+for a block and disconnects after it if it connected (jobs that are also called as functions).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from morphmlp.errors import MorphMLPError
@@ -38,6 +40,20 @@ def connect_ray(address: str | None = None) -> None:
         ray.init(address=target, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ClusterError(f"can't connect to the Ray cluster at {target}: {err}") from err
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None) -> Iterator[None]:
+    """connect_ray for the block; ray.shutdown() after it, unless Ray was already connected."""
+    import ray
+
+    started = not ray.is_initialized()
+    connect_ray(address)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _check_reachable(address: str | None) -> None:

@@ -104,6 +104,10 @@ def client(uri: str | None = None):
 
     for key, value in _HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    # urllib3 warns at every HTTP retry ("Retrying (Retry(total=1, ...)) after connection broken
+    # by ..."): 6-28 lines per MLflow outage (docs/benchmarks.md). The Tracker says once that
+    # MLflow is down and once that it is back, and a call that fails for good still raises.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     return mlflow.MlflowClient(uri or tracking_uri())
 
 

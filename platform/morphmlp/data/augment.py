@@ -1,6 +1,7 @@
 """Per-clip augmentation on CPU in the decode actors: one set of random parameters for all frames.
 
-Clips are (T, H, W, 3) uint8 arrays. Every parameter (crop box, flip, RandAugment ops and
+Clips come as the decoder kept them (decode.DecodedClip, YUV planes at the stored size) or as
+(T, H, W, 3) uint8 RGB arrays; out come (T, size, size, 3) uint8 RGB arrays. Every parameter (crop box, flip, RandAugment ops and
 magnitudes) is drawn once per clip from a numpy Generator seeded per sample (seed, epoch, row), so a
 sample is identical whichever actor makes it; Pillow then applies it to each frame, as the release
 (PySlowFast's rand_augment.py, from timm) does with its list of PIL frames.
@@ -17,8 +18,9 @@ Pillow's kernels, as in the release. Differences from the release, all small:
   much per frame (30 instead of 13 ms for 16 frames at 224²);
 - RandAugment runs after the crop (on 224² instead of the ~256x340 decoded frame: ~1.7x less work),
   so relative translations are relative to the crop; the release runs it before the crop;
-- the crop is resized by Pillow (bilinear, antialiased when shrinking); the release uses
-  F.interpolate without antialias.
+- the crop box is scaled to the crop size by swscale (bilinear) from the stored picture, one
+  resample as in the release (F.interpolate from the decoded frame), but with swscale's filter,
+  which widens when it shrinks; RGB arrays are cropped by Pillow (bilinear, antialiased).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from morphmlp.data.config import DataConfig
-from morphmlp.data.decode import output_size
+from morphmlp.data.decode import DecodedClip, output_size
 
 _BILINEAR = Image.Resampling.BILINEAR
 _FILL = (128, 128, 128)  # timm's fill colour for geometric ops
@@ -42,26 +44,34 @@ Frames = list[Image.Image]
 
 
 def train_augment(
-    clip: np.ndarray, label: int, cfg: DataConfig, rng: np.random.Generator
+    clip: np.ndarray | DecodedClip, label: int, cfg: DataConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, int]:
-    """Random crop, flip (+ label swap) and RandAugment of one (T, H, W, 3) uint8 clip."""
-    height, width = clip.shape[1:3]
+    """Random crop, flip (+ label swap) and RandAugment of one clip: a DecodedClip as the decode
+    actors have it (cropped by swscale from the stored picture), or (T, H, W, 3) uint8 RGB frames
+    from elsewhere (cropped by Pillow). Returns (T, size, size, 3) uint8 and the label."""
+    height, width = (clip.height, clip.width) if isinstance(clip, DecodedClip) else clip.shape[1:3]
     size = cfg.train_crop_size
     if cfg.train_crop == "random_resized":
         box = _random_resized_box(height, width, cfg.rrc_scale, cfg.rrc_ratio, rng)
     else:
         box = _jitter_box(height, width, size, cfg.train_jitter_scales, rng)
     # One resample per frame: the crop box in source pixels, straight to the output size.
-    frames = [Image.fromarray(frame).resize((size, size), _BILINEAR, box=box) for frame in clip]
+    if isinstance(clip, DecodedClip):
+        frames = clip.crop(box, size)
+    else:
+        frames = np.stack(
+            [np.asarray(Image.fromarray(f).resize((size, size), _BILINEAR, box=box)) for f in clip]
+        )
     if cfg.random_flip and rng.random() < 0.5:
-        frames = [frame.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for frame in frames]
+        frames = frames[:, :, ::-1]
         if cfg.flip_label_map is not None:
             label = cfg.flip_label_map.get(label, label)
     # With data.augment_on "worker", RandAugment runs on the training worker instead
     # (worker_augment.py): the actor stops at crop and flip.
     if cfg.rand_augment and cfg.augment_on == "actor":
-        frames = RandAugment(cfg.rand_augment)(frames, rng)
-    return np.stack([np.asarray(frame) for frame in frames]), label
+        augmented = RandAugment(cfg.rand_augment)([Image.fromarray(f) for f in frames], rng)
+        return np.stack([np.asarray(frame) for frame in augmented]), label
+    return np.ascontiguousarray(frames), label
 
 
 def _random_resized_box(height, width, scale, ratio, rng) -> tuple[float, float, float, float]:

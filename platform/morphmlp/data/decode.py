@@ -2,9 +2,10 @@
 
 The file is opened through pyarrow.fs (local, s3://, gs://) as a seekable handle, so FFmpeg reads
 only the byte ranges it asks for: no copy of the whole object to disk. Decoding seeks to the
-keyframe before the first wanted frame, decodes until the last one and converts (and scales to the
-wanted short side, in one swscale call) only the frames that are kept, so full-resolution RGB
-frames are never materialised. Every failure becomes a VideoDecodeError with a reason from
+keyframe before the first wanted frame, decodes until the last one and keeps only the wanted
+frames: converted (and scaled to the wanted short side, in one swscale call) to RGB by
+decode_frames, or as YUV planes by decode_clip, whose crops go from the stored picture to the crop
+size in one swscale call. Full-resolution RGB frames are never materialised. Every failure becomes a VideoDecodeError with a reason from
 VideoDecodeError.REASONS, which the bad-data ledger records. BAD_DATA_ERRORS is what a video
 or its storage can raise; callers catch only those, so that a bug in the code fails loudly.
 """
@@ -13,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import av
 import numpy as np
 import pyarrow as pa
+from av.video.reformatter import VideoReformatter
 
 from morphmlp import storage
 from morphmlp.data.errors import VideoDecodeError
@@ -46,6 +48,12 @@ _SEEK_GAP_SECONDS = 3.0
 # An index's frame count may overstate what decodes by a frame or two (edit lists, rate
 # rounding); fewer than that many missing frames are filled with the last frame, more is truncation.
 _MISSING_FRAMES_TOLERANCE = 2
+
+# Every frame.reformat() call on a new frame builds a new swscale context (~0.2 ms, as much as
+# scaling a 224² crop): the calls of one clip share one VideoReformatter, which keeps its context
+# while sizes and formats stay the same.
+# Pixel formats cropped as they are (yuvj420p: the same layout, full range).
+_YUV420 = ("yuv420p", "yuvj420p")
 
 # Leading bytes of containers we expect: if one of these can't be opened, it was cut short.
 _SIGNATURES = (
@@ -117,13 +125,38 @@ def decode_frames(
     short_side scales every frame so that its shorter side has that many pixels (the longer one
     floor(long / short * short_side), as PySlowFast does); None keeps the stored size.
     """
+    reformatter, reformat_threads = VideoReformatter(), threads or None
+    return np.stack(
+        _decode(
+            uri,
+            indices,
+            threads,
+            lambda frame: _to_rgb(reformatter, frame, short_side, reformat_threads),
+        )
+    )
+
+
+def decode_clip(uri: str, indices: Sequence[int], *, threads: int = 1) -> DecodedClip:
+    """Frames `indices` kept as the decoder made them (YUV 4:2:0), to be cropped later.
+
+    Training crops a video several times (data.num_samples), each time a different box: cutting
+    the box out of the stored picture and scaling it to the crop size in one swscale call costs
+    about half of converting the whole frame to RGB at the decode size and resampling the box
+    from that (docs/benchmarks.md), and it is one resample from the decoded frame, as the
+    release's crop is.
+    """
+    return DecodedClip(_decode(uri, indices, threads, _Planes.of))
+
+
+def _decode(uri: str, indices: Sequence[int], threads: int, convert: Callable) -> list:
+    """convert(frame) for frames `indices`, in that order: decode, check, fill."""
     wanted = sorted({int(i) for i in indices})
     if not wanted or wanted[0] < 0:
         raise ValueError(f"frame indices must be >= 0, got {list(indices)[:8]}")
     with _open(uri) as (container, stream):
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = threads
-        reader = _Reader(container, stream, _fps(uri, stream), short_side, threads)
+        reader = _Reader(container, stream, _fps(uri, stream), convert)
         _guard(uri, "unreadable_stream", lambda: reader.read(wanted))
     kept = reader.kept
     if not kept:
@@ -136,12 +169,12 @@ def decode_frames(
             "truncated",
             f"the stream {how} at frame {last} but frame {wanted[-1]} was wanted",
         )
-    sizes = {frame.shape for frame in kept.values()}
+    sizes = {frame.shape[:2] for frame in kept.values()}
     if len(sizes) > 1:  # np.stack would fail; it is the stream's fault, not the code's
         raise VideoDecodeError(
             storage.redact(uri),
             "unreadable_stream",
-            f"the frame size changes mid-stream {sorted(s[1::-1] for s in sizes)} (width, height)",
+            f"the frame size changes mid-stream {sorted(s[::-1] for s in sizes)} (width, height)",
         )
     # Fill frames the stream lacks (within tolerance) with the nearest earlier decoded one.
     available = sorted(kept)
@@ -149,7 +182,72 @@ def decode_frames(
     for i in indices:
         j = np.searchsorted(available, i, side="right") - 1
         out.append(kept[available[max(j, 0)]])
-    return np.stack(out)
+    return out
+
+
+class DecodedClip:
+    """A clip's frames as decoded (YUV 4:2:0 planes), cut and scaled to RGB crops on demand."""
+
+    def __init__(self, frames: list[_Planes]):
+        self.frames = frames
+        self.height, self.width = frames[0].shape
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def crop(self, box: tuple[float, float, float, float], size: int) -> np.ndarray:
+        """The box (left, top, right, bottom; in stored pixels) of every frame, scaled to
+        size x size RGB (swscale, bilinear): uint8 (T, size, size, 3).
+
+        The box snaps to even pixels (at most one pixel per side), where 4:2:0 chroma samples are.
+        """
+        left, top = (int(v) // 2 * 2 for v in box[:2])
+        right = max(left + 2, min(self.width // 2 * 2, round(box[2] / 2) * 2))
+        bottom = max(top + 2, min(self.height // 2 * 2, round(box[3] / 2) * 2))
+        reformatter = VideoReformatter()
+        return np.stack(
+            [frame.crop_rgb(reformatter, (left, top, right, bottom), size) for frame in self.frames]
+        )
+
+
+class _Planes:
+    """One decoded frame's Y, U and V planes (copied out of the decoder's buffers)."""
+
+    def __init__(self, y, u, v, colorspace, color_range):
+        self.planes = (y, u, v)
+        self.colorspace, self.color_range = colorspace, color_range
+        self.shape = y.shape
+
+    @classmethod
+    def of(cls, frame: av.VideoFrame) -> _Planes:
+        colorspace, color_range = frame.colorspace, frame.color_range
+        if frame.format.name not in _YUV420:
+            # 10-bit, 4:2:2, 4:4:4, ...: converted once to 8-bit 4:2:0 at the stored size.
+            frame = frame.reformat(format="yuv420p", threads=1)
+        planes = [
+            np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, : plane.width]
+            for plane in frame.planes
+        ]
+        return cls(*(np.array(plane) for plane in planes), colorspace, color_range)
+
+    def crop_rgb(
+        self, reformatter: VideoReformatter, box: tuple[int, ...], size: int
+    ) -> np.ndarray:
+        left, top, right, bottom = box
+        y, u, v = self.planes
+        width = right - left
+        # from_ndarray's yuv420p layout: the Y rows, then U and V, each flattened to rows of width.
+        packed = np.concatenate(
+            [
+                y[top:bottom, left:right].ravel(),
+                u[top // 2 : bottom // 2, left // 2 : right // 2].ravel(),
+                v[top // 2 : bottom // 2, left // 2 : right // 2].ravel(),
+            ]
+        ).reshape(-1, width)
+        frame = av.VideoFrame.from_ndarray(packed, format="yuv420p")
+        frame.colorspace, frame.color_range = self.colorspace, self.color_range
+        rgb = reformatter.reformat(frame, width=size, height=size, format="rgb24", threads=1)
+        return rgb.to_ndarray()
 
 
 def output_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
@@ -169,15 +267,12 @@ class _Reader:
     counts the frames that came out of the decoder (the skipped ones never do).
     """
 
-    def __init__(self, container, stream, fps: float, short_side: int | None, threads: int = 1):
+    def __init__(self, container, stream, fps: float, convert: Callable):
         self.container = container
         self.stream = stream
         self.fps = fps
-        self.short_side = short_side
-        # swscale's threads for the conversion: None (FFmpeg's automatic count, one per core)
-        # for threads 0, as the decoder's thread_count 0 means.
-        self.reformat_threads = threads or None
-        self.kept: dict[int, np.ndarray] = {}
+        self.convert = convert
+        self.kept: dict = {}
         self.broken: str | None = None
         self.decoded = 0
 
@@ -216,7 +311,7 @@ class _Reader:
                 return False
             first = False
             if index in wanted:
-                self.kept[index] = _to_rgb(frame, self.short_side, self.reformat_threads)
+                self.kept[index] = self.convert(frame)
             if index >= group[-1]:
                 break
         return True
@@ -226,7 +321,7 @@ class _Reader:
         wanted_set = set(wanted)
         for index, frame in enumerate(self._decoded()):
             if index in wanted_set:
-                self.kept[index] = _to_rgb(frame, self.short_side, self.reformat_threads)
+                self.kept[index] = self.convert(frame)
             if index >= wanted[-1]:
                 break
 
@@ -254,9 +349,14 @@ class _Reader:
             context.skip_frame = "DEFAULT"
 
 
-def _to_rgb(frame, short_side: int | None, threads: int | None = 1) -> np.ndarray:
+def _to_rgb(
+    reformatter: VideoReformatter, frame, short_side: int | None, threads: int | None = 1
+) -> np.ndarray:
+    """threads: swscale's; None is FFmpeg's automatic count (one per core), as the decoder's
+    thread_count 0 means."""
     width, height = output_size(frame.width, frame.height, short_side)
-    return frame.reformat(width=width, height=height, format="rgb24", threads=threads).to_ndarray()
+    rgb = reformatter.reformat(frame, width=width, height=height, format="rgb24", threads=threads)
+    return rgb.to_ndarray()
 
 
 def _fps(uri: str, stream) -> float:

@@ -47,7 +47,7 @@ from morphmlp.data import schedule
 from morphmlp.data.augment import train_augment, uniform_crops
 from morphmlp.data.bad_data import BadDataLedger
 from morphmlp.data.config import DataConfig
-from morphmlp.data.decode import BAD_DATA_ERRORS, decode_frames
+from morphmlp.data.decode import BAD_DATA_ERRORS, decode_clip, decode_frames
 from morphmlp.data.errors import BadDataError
 from morphmlp.data.index import VideoIndex
 from morphmlp.data.probe import failure_record
@@ -226,12 +226,8 @@ class TrainClips(_Clips):
         rng = np.random.default_rng([self.seed, epoch, row])
         first, count = self.window(row)
         indices = clip_indices(cfg, count, self.fps[row], clip_idx=-1, num_clips=1, rng=rng)
-        frames = decode_frames(
-            self.uris[row],
-            indices + first,
-            short_side=cfg.decode_short_side,
-            threads=cfg.decode_threads,
-        )
+        # Kept as decoded: each sample's crop is cut from the stored picture (augment.py).
+        frames = decode_clip(self.uris[row], indices + first, threads=cfg.decode_threads)
         label = int(self.labels[row])
         return [
             train_augment(

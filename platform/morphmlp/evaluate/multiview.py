@@ -17,6 +17,7 @@ import numpy as np
 
 from morphmlp.config import ConfigError, from_dict
 from morphmlp.data.config import DataConfig
+from morphmlp.data.probe import format_duration
 from morphmlp.evaluate.catalog import Protocol, ProtocolError
 from morphmlp.evaluate.labels import LabelMap
 from morphmlp.evaluate.metrics import VideoScores, average_views
@@ -24,6 +25,8 @@ from morphmlp.evaluate.model_refs import Checkpoint
 from morphmlp.models import MorphMLPConfig
 
 log = logging.getLogger(__name__)
+
+_PROGRESS_EVERY_S = 10.0
 
 
 @dataclass
@@ -159,23 +162,39 @@ def score_views(
 
     from morphmlp.data.pipeline import build_eval_dataset
 
-    gpus = cfg.gpus_per_model_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     views = build_eval_dataset(
         index, data_cfg, num_clips=protocol.clips, num_crops=protocol.crops, ledger=bad_data
     )
+    kwargs = {
+        "model_config": ckpt.model_config,
+        "state_dict": [ray.put(ckpt.state_dict)],
+        "mean": data_cfg.mean,
+        "std": data_cfg.std,
+        "outputs": tuple(label_map.model_outputs),
+        "ensemble": protocol.ensemble,
+        "threads": max(1, round(cfg.cpus_per_model_actor)),
+    }
+    parts = run_model_actors(views, ScoreViews, kwargs, cfg, total=len(index) * protocol.num_views)
+    # benchmark label -> position among the evaluated (shared) labels, which are ascending
+    positions = np.searchsorted(np.asarray(label_map.benchmark_labels), parts["label"])
+    scores = parts["scores"] if len(parts["video"]) else np.zeros((0, label_map.num_shared))
+    return average_views(parts["video"], positions, scores, expected_views=protocol.num_views)
+
+
+def run_model_actors(
+    views, actor: type, kwargs: dict, cfg: EvalConfig, *, total: int, cpu_only: bool = False
+) -> dict[str, np.ndarray]:
+    """Views (build_eval_dataset) through a pool of model actors (`actor`: ScoreViews, or
+    predict.ScoreExported for exported files, which run on CPU: `cpu_only`), gathered into
+    video, label and scores columns, with a progress line (and ETA) every 10 s."""
+    import ray
+
+    gpus = 0.0 if cpu_only else cfg.gpus_per_model_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     scored = views.map_batches(
-        ScoreViews,
-        fn_constructor_kwargs={
-            "model_config": ckpt.model_config,
-            "state_dict": [ray.put(ckpt.state_dict)],
-            "mean": data_cfg.mean,
-            "std": data_cfg.std,
-            "outputs": tuple(label_map.model_outputs),
-            "ensemble": protocol.ensemble,
-            "threads": max(1, round(cfg.cpus_per_model_actor)),
-        },
+        actor,
+        fn_constructor_kwargs=kwargs,
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(
@@ -184,32 +203,20 @@ def score_views(
         num_cpus=cfg.cpus_per_model_actor,
         num_gpus=gpus,
     )
-    total = len(index) * protocol.num_views
     parts: dict[str, list[np.ndarray]] = {"video": [], "label": [], "scores": []}
     done, started, last_log = 0, time.monotonic(), 0.0
     for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+        if len(batch["video"]) == 0:  # every video of the decode batch was unreadable
+            continue
         for key in parts:
             parts[key].append(batch[key])
         done += len(batch["video"])
         now = time.monotonic()
-        if now - last_log >= 10.0 or done == total:
+        if now - last_log >= _PROGRESS_EVERY_S or done == total:
             rate = done / max(now - started, 1e-9)
-            eta = f"{(total - done) / rate:.0f}s" if rate > 0 else "unknown"  # an empty first batch
-            log.info("scored %d/%d views (%.1f/s, ETA %s)", done, total, rate, eta)
+            eta = format_duration((total - done) / rate)
+            log.info("scored %d/%d views (%.1f views/s, ETA %s)", done, total, rate, eta)
             last_log = now
     if not parts["video"]:
-        return average_views(
-            np.zeros(0, np.int64),
-            np.zeros(0, np.int64),
-            np.zeros((0, label_map.num_shared)),
-            expected_views=protocol.num_views,
-        )
-    labels = np.concatenate(parts["label"])
-    # benchmark label -> position among the evaluated (shared) labels, which are ascending
-    positions = np.searchsorted(np.asarray(label_map.benchmark_labels), labels)
-    return average_views(
-        np.concatenate(parts["video"]),
-        positions,
-        np.concatenate(parts["scores"]),
-        expected_views=protocol.num_views,
-    )
+        return {"video": np.zeros(0, np.int64), "label": np.zeros(0, np.int64), "scores": None}
+    return {key: np.concatenate(arrays) for key, arrays in parts.items()}

@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
-import math
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +41,6 @@ from morphmlp.evaluate.multiview import EvalConfig, eval_data_config
 log = logging.getLogger(__name__)
 
 OUTPUT_SUFFIXES = (".csv", ".parquet")
-_PROGRESS_EVERY_S = 10.0
 
 
 class VideoNotFoundError(MorphMLPError):
@@ -422,16 +419,13 @@ def _score(
 
     from morphmlp.data.pipeline import build_eval_dataset
     from morphmlp.evaluate.metrics import average_views
-    from morphmlp.evaluate.multiview import ScoreViews
+    from morphmlp.evaluate.multiview import ScoreViews, run_model_actors
 
     res = cfg.eval
     clips, crops = data_cfg.test_num_clips, data_cfg.test_num_crops
     views = build_eval_dataset(index, data_cfg, num_clips=clips, num_crops=crops, ledger=ledger)
     threads = max(1, round(res.cpus_per_model_actor))
     if model.exported is None:
-        gpus = res.gpus_per_model_actor
-        if gpus is None:
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         actor, kwargs = (
             ScoreViews,
             {
@@ -444,8 +438,7 @@ def _score(
                 "threads": threads,
             },
         )
-    else:  # ONNX Runtime here runs on CPU (CPUExecutionProvider), the program too
-        gpus = 0.0
+    else:
         actor, kwargs = (
             ScoreExported,
             {
@@ -455,57 +448,18 @@ def _score(
                 "threads": threads,
             },
         )
-    scored = views.map_batches(
+    # ONNX Runtime runs on CPU here (CPUExecutionProvider), and so does the exported program
+    parts = run_model_actors(
+        views,
         actor,
-        fn_constructor_kwargs=kwargs,
-        batch_size=res.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(
-            min_size=res.model_actors[0], max_size=res.model_actors[1]
-        ),
-        num_cpus=res.cpus_per_model_actor,
-        num_gpus=gpus,
+        kwargs,
+        res,
+        total=len(index) * clips * crops,
+        cpu_only=model.exported is not None,
     )
-    total = len(index) * clips * crops
-    parts: dict[str, list[np.ndarray]] = {"video": [], "scores": []}
-    done, started, last_log = 0, time.monotonic(), 0.0
-    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-        if len(batch["video"]) == 0:
-            continue
-        parts["video"].append(batch["video"])
-        parts["scores"].append(batch["scores"])
-        done += len(batch["video"])
-        now = time.monotonic()
-        if now - last_log >= _PROGRESS_EVERY_S or done == total:
-            rate = done / max(now - started, 1e-9)
-            log.info(
-                "predicted %d/%d views of %d videos (%.1f views/s, ETA %s)",
-                done,
-                total,
-                len(index),
-                rate,
-                _duration((total - done) / rate),
-            )
-            last_log = now
-    if not parts["video"]:
-        return average_views(
-            np.zeros(0, np.int64),
-            np.zeros(0, np.int64),
-            np.zeros((0, model.num_classes)),
-            expected_views=clips * crops,
-        )
-    video = np.concatenate(parts["video"])
-    return average_views(
-        video, np.zeros_like(video), np.concatenate(parts["scores"]), expected_views=clips * crops
-    )
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+    video = parts["video"]
+    scores = parts["scores"] if len(video) else np.zeros((0, model.num_classes))
+    return average_views(video, np.zeros_like(video), scores, expected_views=clips * crops)
 
 
 # ---------------------------------------------------------------------------------------------

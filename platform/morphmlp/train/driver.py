@@ -217,9 +217,7 @@ def run_training(
     if plan.progress is not None and plan.progress.position >= total:
         return _finished(plan)
     check_resources(cfg)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False  # a dump of every DataContext field per dataset
+    _quiet(ray.data.DataContext.get_current())  # for the validation dataset, built here
     run_id = recording.mlflow_run(plan, parent_run_id)
     states = load_states(storage.join(plan.run_dir, BAD_DATA_FILE))
     ledgers = {
@@ -366,6 +364,15 @@ def _train_ingest(cfg: TrainJobConfig):
     return options
 
 
+def _quiet(context) -> None:
+    """Training's Ray Data settings: the loop's step lines are the progress (with ETA), so no
+    progress bars (from a remote SplitCoordinator they reach the console as escape codes, and
+    redrawing them cost that actor ~40% of a core on 2 cores), and no dump of every DataContext
+    field per dataset."""
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+
+
 class TrainDatasetFactory:
     """Builds the remaining sample schedule from the latest checkpoint's position."""
 
@@ -382,9 +389,14 @@ class TrainDatasetFactory:
         self.recovered_progress = plan.progress if plan.recovered_checkpoint else None
 
     def __call__(self):
+        import ray.data
+
         from morphmlp.data.pipeline import BadDataLedger, build_train_dataset
 
         progress = latest_progress(self.run_dir) or self.recovered_progress
+        # Ray Train calls this in its controller, whose DataContext the dataset copies: its
+        # SplitCoordinator would otherwise draw progress bars, 3 per dataset, all run long.
+        _quiet(ray.data.DataContext.get_current())
         return build_train_dataset(
             self.index,
             self.data_cfg,

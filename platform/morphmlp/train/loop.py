@@ -93,6 +93,13 @@ def train_func(config: dict[str, Any]) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, math.ceil(cfg.scaling.cpus_per_worker)))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Ray 2.60 logs every ray.train.report() at INFO with the whole metrics dict ("Reporting
+    # training result N: TrainingReport(...)"), from a logger named by its file's path: the
+    # LoggingConfig(log_level="WARNING") the driver sets filters "ray.train.*" names only and
+    # misses it. The step and epoch lines already say it; so that logger gets the same level.
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
     # The initial weights follow run.seed: a run can be reproduced, and trials of a search that
     # differ only in hyperparameters start from the same network.
