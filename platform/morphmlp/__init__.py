@@ -5,6 +5,15 @@ never load torch. `morphmlp.create_model` and `morphmlp.list_models` load the mo
 use.
 """
 
+import os
+
+# Ray Data reads its logging config when it is first imported, in every process: set here, before
+# any job imports Ray (and inherited by the Ray processes a job starts), it keeps Ray Data's INFO
+# lines off the console (ray_data_logging.yaml says which). A value the user set wins.
+os.environ.setdefault(
+    "RAY_DATA_LOGGING_CONFIG", os.path.join(os.path.dirname(__file__), "ray_data_logging.yaml")
+)
+
 __all__ = ["create_model", "list_models"]
 __version__ = "0.1.0"
 

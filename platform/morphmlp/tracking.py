@@ -88,9 +88,10 @@ def package_versions() -> dict[str, str]:
 
 
 # MLflow's client retries an unreachable server with backoff for minutes by default; a job that
-# checks reachability before work starts wants an answer in seconds. Set before any client is made;
-# a value the user exported wins.
-_HTTP_DEFAULTS = {
+# checks reachability before work starts wants an answer in seconds. And its INFO lines are not the
+# job's. Set before any client is made; a value the user exported wins.
+_CLIENT_DEFAULTS = {
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -100,10 +101,15 @@ _PARAMS_PER_CALL = 100  # the REST API takes at most 100 params per log_batch
 
 def client(uri: str | None = None):
     """The one way this project makes an MLflow client (bounded HTTP timeouts and retries)."""
+    for key, value in _CLIENT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     import mlflow
 
-    for key, value in _HTTP_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    # MLflow's own level setting (MLFLOW_LOGGING_LEVEL, read when mlflow is first imported):
+    # WARNING unless the user set it, so its INFO lines ("Creating initial MLflow database
+    # tables...", "Waiting up to 300 seconds for model version to finish creation") stay out of
+    # the job's console; its warnings and errors still show.
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
     # urllib3 warns at every HTTP retry ("Retrying (Retry(total=1, ...)) after connection broken
     # by ..."): 6-28 lines per MLflow outage (docs/benchmarks.md). The Tracker says once that
     # MLflow is down and once that it is back, and a call that fails for good still raises.

@@ -42,7 +42,13 @@ class ResumeError(MorphMLPError):
 def latest_progress(run_dir: str) -> Progress | None:
     """Progress recorded in the latest checkpoint Ray Train registered for this run, if any."""
     import ray.train
+    from ray.train.v2._internal.execution.checkpoint import checkpoint_manager
 
+    # Reading the snapshot builds Ray Train's CheckpointManager, which logs a 3-line INFO notice
+    # meant for a run that starts ("A run snapshot was found ... will be loaded ... If you meant
+    # to start a brand new training job ..."); here it is only read, and the driver's own line
+    # says "Resuming run ...". The run's controller keeps it quiet by its LoggingConfig.
+    logging.getLogger(checkpoint_manager.__name__).setLevel(logging.WARNING)
     try:
         result = ray.train.Result.from_path(run_dir)
     except (RuntimeError, FileNotFoundError):
