@@ -1,10 +1,11 @@
 """Per-clip augmentation on CPU in the decode actors: one set of random parameters for all frames.
 
 Clips come as the decoder kept them (decode.DecodedClip, YUV planes at the stored size) or as
-(T, H, W, 3) uint8 RGB arrays; out come (T, size, size, 3) uint8 RGB arrays. Every parameter (crop box, flip, RandAugment ops and
-magnitudes) is drawn once per clip from a numpy Generator seeded per sample (seed, epoch, row), so a
-sample is identical whichever actor makes it; Pillow then applies it to each frame, as the release
-(PySlowFast's rand_augment.py, from timm) does with its list of PIL frames.
+(T, H, W, 3) uint8 RGB arrays; out come (T, size, size, 3) uint8 RGB arrays. Every parameter
+(crop box, flip, RandAugment ops and magnitudes) is drawn once per clip from a numpy Generator
+seeded per sample (seed, epoch, row), so a sample is identical whichever actor makes it; Pillow
+then applies RandAugment to each frame, as the release (PySlowFast's rand_augment.py, from timm)
+does with its list of PIL frames.
 
 Pillow rather than torchvision keeps torch out of the decode actors: importing torch (a CUDA build
 here and on GPU nodes) costs every actor about 500 MiB before it decodes a frame, and the actors

@@ -4,9 +4,10 @@ The file is opened through pyarrow.fs (local, s3://, gs://) as a seekable handle
 only the byte ranges it asks for: no copy of the whole object to disk. Decoding seeks to the
 keyframe before the first wanted frame, decodes until the last one and keeps only the wanted
 frames: converted (and scaled to the wanted short side, in one swscale call) to RGB by
-decode_frames, or as YUV planes by decode_clip, whose crops go from the stored picture to the crop
-size in one swscale call. Full-resolution RGB frames are never materialised. Every failure becomes a VideoDecodeError with a reason from
-VideoDecodeError.REASONS, which the bad-data ledger records. BAD_DATA_ERRORS is what a video
+decode_frames, or as YUV planes by decode_clip, whose crops go from the stored picture to the
+crop size in one swscale call. Full-resolution RGB frames are never materialised. Every failure
+becomes a VideoDecodeError with a reason from VideoDecodeError.REASONS, which the bad-data
+ledger records. BAD_DATA_ERRORS is what a video
 or its storage can raise; callers catch only those, so that a bug in the code fails loudly.
 """
 
@@ -49,9 +50,6 @@ _SEEK_GAP_SECONDS = 3.0
 # rounding); fewer than that many missing frames are filled with the last frame, more is truncation.
 _MISSING_FRAMES_TOLERANCE = 2
 
-# Every frame.reformat() call on a new frame builds a new swscale context (~0.2 ms, as much as
-# scaling a 224² crop): the calls of one clip share one VideoReformatter, which keeps its context
-# while sizes and formats stay the same.
 # Pixel formats cropped as they are (yuvj420p: the same layout, full range).
 _YUV420 = ("yuv420p", "yuvj420p")
 
@@ -125,6 +123,9 @@ def decode_frames(
     short_side scales every frame so that its shorter side has that many pixels (the longer one
     floor(long / short * short_side), as PySlowFast does); None keeps the stored size.
     """
+    # frame.reformat() on a new frame builds a new swscale context (~0.2 ms, as much as scaling a
+    # 224² crop): a clip's conversions share one VideoReformatter, which keeps its context while
+    # sizes and formats stay the same (DecodedClip.crop does the same).
     reformatter, reformat_threads = VideoReformatter(), threads or None
     return np.stack(
         _decode(

@@ -174,19 +174,35 @@ def score_views(
         "ensemble": protocol.ensemble,
         "threads": max(1, round(cfg.cpus_per_model_actor)),
     }
-    parts = run_model_actors(views, ScoreViews, kwargs, cfg, total=len(index) * protocol.num_views)
+    parts = run_model_actors(
+        views,
+        ScoreViews,
+        kwargs,
+        cfg,
+        total=len(index) * protocol.num_views,
+        num_scores=label_map.num_shared,
+    )
     # benchmark label -> position among the evaluated (shared) labels, which are ascending
     positions = np.searchsorted(np.asarray(label_map.benchmark_labels), parts["label"])
-    scores = parts["scores"] if len(parts["video"]) else np.zeros((0, label_map.num_shared))
-    return average_views(parts["video"], positions, scores, expected_views=protocol.num_views)
+    return average_views(
+        parts["video"], positions, parts["scores"], expected_views=protocol.num_views
+    )
 
 
 def run_model_actors(
-    views, actor: type, kwargs: dict, cfg: EvalConfig, *, total: int, cpu_only: bool = False
+    views,
+    actor: type,
+    kwargs: dict,
+    cfg: EvalConfig,
+    *,
+    total: int,
+    num_scores: int,
+    cpu_only: bool = False,
 ) -> dict[str, np.ndarray]:
     """Views (build_eval_dataset) through a pool of model actors (`actor`: ScoreViews, or
     predict.ScoreExported for exported files, which run on CPU: `cpu_only`), gathered into
-    video, label and scores columns, with a progress line (and ETA) every 10 s."""
+    video, label and scores (num_scores per view) columns, empty when no view could be made,
+    with a progress line (and ETA) every 10 s."""
     import ray
 
     gpus = 0.0 if cpu_only else cfg.gpus_per_model_actor
@@ -218,5 +234,6 @@ def run_model_actors(
             log.info("scored %d/%d views (%.1f views/s, ETA %s)", done, total, rate, eta)
             last_log = now
     if not parts["video"]:
-        return {"video": np.zeros(0, np.int64), "label": np.zeros(0, np.int64), "scores": None}
+        empty = np.zeros(0, np.int64)
+        return {"video": empty, "label": empty, "scores": np.zeros((0, num_scores), np.float32)}
     return {key: np.concatenate(arrays) for key, arrays in parts.items()}

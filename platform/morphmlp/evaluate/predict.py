@@ -455,11 +455,11 @@ def _score(
         kwargs,
         res,
         total=len(index) * clips * crops,
+        num_scores=model.num_classes,
         cpu_only=model.exported is not None,
     )
     video = parts["video"]
-    scores = parts["scores"] if len(video) else np.zeros((0, model.num_classes))
-    return average_views(video, np.zeros_like(video), scores, expected_views=clips * crops)
+    return average_views(video, np.zeros_like(video), parts["scores"], expected_views=clips * crops)
 
 
 # ---------------------------------------------------------------------------------------------
