@@ -8,7 +8,8 @@ Examples:
   python jobs/predict.py a.mp4 b.webm --model export/model.onnx
 
 --model: a model.pt file (path or URI), runs:/<run_id>[/<artifact path>],
-models:/morphmlp/<version>, models:/morphmlp@<alias> (best, latest, champion), or a file
+models:/morphmlp/<version>, models:/morphmlp/latest (the newest version),
+models:/morphmlp@<alias> (best, newest, champion), or a file
 jobs/export.py wrote (model.pt2 or model.onnx, with its sidecar <file>.json beside it).
 VIDEO: a video file (path or URI), a folder (its videos, recursively) or a Parquet index.
 The protocol is the checkpoint's own (frames, crop size, sampling, rate, short side, views)

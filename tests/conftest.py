@@ -10,10 +10,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Callable
 
 import av
@@ -252,36 +248,3 @@ def ranked_demo_index(demo_index, tmp_path_factory) -> str:
     predicts one class for every video (an untrained one does) scores that class's share, so two
     such networks tie only if they pick the same class."""
     return _demo_subset(demo_index, tmp_path_factory.mktemp("ranked-demo"), [1, 2, 3, 4, 5, 6])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_mlflow_server(root, port: int) -> subprocess.Popen:
-    """A real `mlflow server` on 127.0.0.1:port (sqlite store and artifacts under `root`), in
-    its own process group so that killing the group kills its workers; returns once healthy."""
-    proc = subprocess.Popen(
-        [
-            os.path.join(os.path.dirname(sys.executable), "mlflow"),
-            *("server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
-            *("--backend-store-uri", f"sqlite:///{root}/mlflow.db"),
-            *("--artifacts-destination", os.path.join(str(root), "artifacts")),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError("mlflow server exited") from None
-            time.sleep(0.5)
-    os.killpg(proc.pid, 9)
-    raise RuntimeError("mlflow server did not start")

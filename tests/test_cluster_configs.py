@@ -27,8 +27,8 @@ import jsonschema
 import pytest
 import ray.autoscaler
 import yaml
-from conftest import free_port, start_mlflow_server
 from ray.autoscaler._private.util import prepare_config, validate_config
+from support import free_port, start_mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

@@ -5,7 +5,6 @@ does it (different seeds, untrained: evaluation doesn't need good weights, only 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from support import load_job
 
 from morphmlp import tracking
 from morphmlp.config import to_dict
@@ -53,15 +53,6 @@ UNRELATED = ["ant", "bee", "cat", "dog", "eel", "fox"]
 
 def _demo_data():
     return resolve_config({}).data  # the demo recipe's data settings
-
-
-def _job(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"job_{name}", os.path.join(ROOT, "jobs", f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _read(path) -> str:
@@ -286,6 +277,8 @@ def test_checkpoint_references(store, tmp_path):
     best = model_refs.load(f"runs:/{v1.run_id}")  # the run's best model
     assert all(torch.equal(best.state_dict[k], v) for k, v in v1.state_dict.items())
     assert [v.version for v in model_refs.registered_versions()] == ["1", "2"]
+    latest = model_refs.load("models:/morphmlp/latest")  # MLflow's name for the newest version
+    assert latest.model_version == "2" and latest.version_tags["run"] == "seed1"
     # A release-style file: PySlowFast's model_state, no architecture, no class names.
     release = str(tmp_path / "release.pyth")
     torch.save({"model_state": v1.state_dict, "epoch": 30}, release)
@@ -298,7 +291,7 @@ def test_checkpoint_references(store, tmp_path):
 
 
 def test_evaluate_job_rejects_bad_input(store, bench_index, tmp_path, capsys):
-    evaluate = _job("evaluate")
+    evaluate = load_job("evaluate")
     catalog = _write_catalog(
         tmp_path / "catalog.yaml",
         [
@@ -360,7 +353,7 @@ def test_multiview_scores_equal_softmax_averaged_by_hand(store, bench_index, ray
         "--output",
         out,
     ]
-    assert _job("evaluate").main(argv) == 0
+    assert load_job("evaluate").main(argv) == 0
     predictions = pq.read_table(os.path.join(out, "predictions.parquet")).to_pylist()
 
     # By hand: the same 2 clips x 3 crops of each video, v1's network, softmax per view, mean.
@@ -410,7 +403,7 @@ def test_unreadable_videos_fail_the_pair_and_exit_code(
     write_index(VideoIndex(table, CLASS_NAMES), None, broken)
     catalog = _write_catalog(tmp_path / "catalog.yaml", [{"name": "broken", "index": broken}])
     argv = ["--catalog", catalog, "--output", str(tmp_path / "board"), "--versions", "1"]
-    assert _job("reevaluate").main(argv) == 1  # the other pairs would still have run
+    assert load_job("reevaluate").main(argv) == 1  # the other pairs would still have run
     printed = capsys.readouterr().out
     assert "FAILED: v1 on broken: BadDataError: 1 of 3 videos" in printed
     (run,) = _eval_runs(store)
@@ -426,7 +419,7 @@ def test_unreadable_videos_fail_the_pair_and_exit_code(
 
 @pytest.mark.slow
 def test_reevaluation_scores_only_missing_pairs(store, bench_index, ray_session, tmp_path, capsys):
-    reevaluate = _job("reevaluate")
+    reevaluate = load_job("reevaluate")
     out = str(tmp_path / "board")
     a = {"name": "a", "index": bench_index}
     b = {"name": "b", "index": bench_index, "protocol": {"crops": 3, "sampling": "segment"}}
@@ -512,7 +505,7 @@ def test_reevaluation_scores_only_missing_pairs(store, bench_index, ray_session,
 def test_killed_reevaluation_rerun_completes_what_is_missing(
     store, bench_index, ray_session, tmp_path, capsys
 ):
-    reevaluate = _job("reevaluate")
+    reevaluate = load_job("reevaluate")
     index = _subset(bench_index, [0, 1, 2, 3], str(tmp_path / "bench.parquet"))
     catalog = _write_catalog(tmp_path / "catalog.yaml", [{"name": "a", "index": index}])
     argv = ["--catalog", catalog, "--output", str(tmp_path / "board")]

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from test_predict import CLASSES, _errors, _job, read_predictions, save_xs_model
+from support import XS_CLASSES, error_lines, load_job, read_predictions, save_xs_model
 
 from morphmlp.evaluate import model_refs
 from morphmlp.evaluate.export import ONNX_OPSET
@@ -27,7 +27,7 @@ def model_file(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def exported(model_file, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("export") / "out")
-    assert _job("export").main(["--model", model_file, "--format", "both", "--out", out]) == 0
+    assert load_job("export").main(["--model", model_file, "--format", "both", "--out", out]) == 0
     return out
 
 
@@ -54,7 +54,7 @@ def test_export_passes_its_numeric_check_and_records_the_input_spec(model_file, 
         assert spec["format"] == fmt and spec["file"] == name and spec["opset"] == opset
         assert (spec["frames"], spec["img_size"], spec["in_chans"]) == (8, 112, 3)
         assert spec["mean"] == [0.45] * 3 and spec["std"] == [0.225] * 3
-        assert spec["class_names"] == CLASSES and spec["num_classes"] == 4
+        assert spec["class_names"] == XS_CLASSES and spec["num_classes"] == 4
         assert spec["input_layout"] == "B,3,T,H,W" and spec["input_dtype"] == "float32"
         assert spec["model_config"]["widths"] == [28, 56, 112, 224]
         assert spec["data_config"]["train_jitter_scales"] == [128, 160]  # the short side
@@ -85,14 +85,14 @@ def test_export_passes_its_numeric_check_and_records_the_input_spec(model_file, 
 def test_predict_runs_both_exported_files_with_the_model_files_top1(
     model_file, exported, video, tmp_path
 ):
-    predict = _job("predict")
+    predict = load_job("predict")
     rows = []
     for ref in (model_file, *(os.path.join(exported, n) for n in ("model.pt2", "model.onnx"))):
         out = str(tmp_path / f"{len(rows)}.csv")
         assert predict.main([video, "--model", ref, "--output", out]) == 0, ref
         (row,) = read_predictions(out)
         rows.append(row)
-    assert rows[0]["ok"] and rows[0]["class_1"] in CLASSES
+    assert rows[0]["ok"] and rows[0]["class_1"] in XS_CLASSES
     for row in rows[1:]:
         assert row["class_1"] == rows[0]["class_1"]
         for k in range(1, 5):
@@ -103,7 +103,7 @@ def test_predict_runs_both_exported_files_with_the_model_files_top1(
 def test_predict_refuses_an_export_whose_sidecar_does_not_match_it(
     exported, video, tmp_path, capsys
 ):
-    predict = _job("predict")
+    predict = load_job("predict")
     out = str(tmp_path / "never.csv")
     cases = [
         (
@@ -146,29 +146,29 @@ def test_predict_refuses_an_export_whose_sidecar_does_not_match_it(
         with open(path + ".json", "w") as f:
             json.dump(spec, f)
         assert predict.main([video, "--model", path, "--output", out]) == 2, key
-        errors = _errors(capsys.readouterr().err)
+        errors = error_lines(capsys.readouterr().err)
         assert len(errors) == 1 and message in errors[0], (key, errors)
         assert f"{name}.json" in errors[0]  # names the sidecar
     lone = tmp_path / "lone"
     lone.mkdir()
     shutil.copy(os.path.join(exported, "model.onnx"), lone / "model.onnx")
     assert predict.main([video, "--model", str(lone / "model.onnx"), "--output", out]) == 2
-    assert "no sidecar model.onnx.json" in _errors(capsys.readouterr().err)[0]
+    assert "no sidecar model.onnx.json" in error_lines(capsys.readouterr().err)[0]
     assert not os.path.exists(out)
 
 
 def test_an_export_that_fails_its_check_leaves_nothing(model_file, tmp_path, capsys):
-    export = _job("export")
+    export = load_job("export")
     out = tmp_path / "out"
     # fp32 ONNX Runtime kernels differ from eager in the last bits (~1e-7), never by 1e-12.
     argv = ["--model", model_file, "--format", "onnx", "--out", str(out), "--tolerance", "1e-12"]
     assert export.main(argv) == 2
-    errors = _errors(capsys.readouterr().err)
+    errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and "onnx export of" in errors[0] and "max |Δ|" in errors[0]
     assert "> 1e-12" in errors[0] and "nothing was written" in errors[0]
     assert os.listdir(tmp_path) == []  # neither the folder nor a staging folder
     assert export.main(["--model", model_file, "--format", "tflite", "--out", str(out)]) == 2
-    assert "choose torch-export, onnx, both" in _errors(capsys.readouterr().err)[0]
+    assert "choose torch-export, onnx, both" in error_lines(capsys.readouterr().err)[0]
     assert os.listdir(tmp_path) == []
 
 
@@ -176,7 +176,7 @@ def test_an_export_that_fails_its_check_leaves_nothing(model_file, tmp_path, cap
 def test_many_videos_on_ray_through_both_exported_files(
     model_file, exported, video, make_video, ray_session, tmp_path
 ):
-    predict = _job("predict")
+    predict = load_job("predict")
     other = make_video(str(tmp_path / "other.webm"), codec="vp9", fps=30, num_frames=45)
     alone = {}
     for clip in (video, other):

@@ -4,50 +4,16 @@ PyAV-encoded videos, and the session's Ray for many videos."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import mlflow
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 import pytest
-import torch
+from support import XS_CLASSES, error_lines, load_job, read_predictions, save_xs_model
 
 from morphmlp import tracking
-from morphmlp.config import to_dict
 from morphmlp.data.decode import probe_video
 from morphmlp.data.index import VideoIndex, write_index
-from morphmlp.models import create_model
-from morphmlp.train.checkpoint import export_model
-from morphmlp.train.config import resolve_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLASSES = ["wave", "clap", "jump", "sit"]
-
-
-def _job(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"job_{name}", os.path.join(ROOT, "jobs", f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def save_xs_model(path: str, seed: int = 0) -> str:
-    """An xs model.pt with the demo recipe's data protocol (8 frames, 112², short side 128)."""
-    torch.manual_seed(seed)
-    model = create_model("xs", num_classes=len(CLASSES))
-    export_model(
-        path,
-        model=model,
-        model_config=to_dict(model.cfg),
-        class_names=CLASSES,
-        data_config=to_dict(resolve_config({}).data),
-        metrics={},
-    )
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -80,21 +46,13 @@ def store(tmp_path, monkeypatch, model_file) -> str:
     return uri
 
 
-def read_predictions(path: str) -> list[dict]:
-    table = pacsv.read_csv(path) if path.endswith(".csv") else pq.read_table(path)
-    return table.to_pylist()
-
-
-def _errors(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("error:")]
-
-
 def test_one_video_from_a_model_file_a_version_and_an_alias(
     store, model_file, clips, tmp_path, capsys
 ):
-    predict = _job("predict")
+    predict = load_job("predict")
     rows = {}
-    for ref in (model_file, "models:/morphmlp/1", "models:/morphmlp@best"):
+    refs = (model_file, "models:/morphmlp/1", "models:/morphmlp@best", "models:/morphmlp/latest")
+    for ref in refs:
         out = str(tmp_path / f"{len(rows)}.csv")
         assert predict.main([clips["index"], "--model", ref, "--top-k", "3", "--output", out]) == 0
         printed = capsys.readouterr().out
@@ -102,7 +60,7 @@ def test_one_video_from_a_model_file_a_version_and_an_alias(
         assert row["ok"] and row["num_views"] == 1 and row["video"] == clips["index"]
         probs = [row[f"prob_{i}"] for i in (1, 2, 3)]
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
-        assert row["class_1"] in CLASSES
+        assert row["class_1"] in XS_CLASSES
         assert f"1. {row['class_1']}" in printed  # the ranked classes, best first
         rows[ref] = row
     first = rows[model_file]
@@ -119,7 +77,7 @@ def test_one_video_from_a_model_file_a_version_and_an_alias(
 
 
 def test_bad_input_is_one_line_and_nothing_written(store, model_file, clips, tmp_path, capsys):
-    predict = _job("predict")
+    predict = load_job("predict")
     out = str(tmp_path / "never.csv")
     video = clips["index"]
     cases = [
@@ -128,6 +86,10 @@ def test_bad_input_is_one_line_and_nothing_written(store, model_file, clips, tmp
             "alias 'champion' of morphmlp is not set; aliases: best (v1)",
         ),
         (["--model", "models:/morphmlp/7"], "v7 is not registered; registered versions: 1"),
+        (
+            ["--model", "models:/morphmlp@latest"],
+            "aliases: best (v1); the newest version is models:/morphmlp/latest",
+        ),
         (["--model", "models:/other/1"], "is not a checkpoint reference this job knows"),
         (["--model", str(tmp_path / "absent.pt")], "absent.pt: no such file"),
         (["--model", str(tmp_path / "absent.onnx")], "absent.onnx: no such file"),
@@ -139,21 +101,21 @@ def test_bad_input_is_one_line_and_nothing_written(store, model_file, clips, tmp
     for extra, message in cases:
         argv = [video, *extra] if "--output" in extra else [video, *extra, "--output", out]
         assert predict.main(argv) == 2, extra
-        errors = _errors(capsys.readouterr().err)
+        errors = error_lines(capsys.readouterr().err)
         assert len(errors) == 1 and message in errors[0], (extra, errors)
     missing = str(tmp_path / "gone.mp4")
     assert predict.main([missing, "--model", model_file, "--output", out]) == 2
-    errors = _errors(capsys.readouterr().err)
+    errors = error_lines(capsys.readouterr().err)
     assert errors == [f"error: VIDEO {missing}: no such file or folder"]
     empty = tmp_path / "empty-folder"
     empty.mkdir()
     assert predict.main([str(empty), "--model", model_file, "--output", out]) == 2
-    assert "a folder with no videos" in _errors(capsys.readouterr().err)[0]
+    assert "a folder with no videos" in error_lines(capsys.readouterr().err)[0]
     assert not os.path.exists(out)
 
 
 def test_a_video_that_decodes_to_nothing_fails_with_exit_1(model_file, bad_videos, capsys):
-    predict = _job("predict")
+    predict = load_job("predict")
     for reason in ("not_video", "unreadable_stream", "empty"):
         video = bad_videos[reason]
         assert predict.main([video, "--model", model_file]) == 1, reason
@@ -168,7 +130,7 @@ def test_a_video_that_decodes_to_nothing_fails_with_exit_1(model_file, bad_video
 def test_many_videos_on_ray_with_unreadable_ones(
     model_file, clips, bad_videos, ray_session, tmp_path, capsys
 ):
-    predict = _job("predict")
+    predict = load_job("predict")
     # An index with a readable video and one deleted since the index was made: index rows are
     # not probed again, so that one fails in the decode actors, the not-a-video file in probing.
     info = probe_video(clips["noise"])

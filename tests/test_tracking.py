@@ -8,7 +8,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import free_port, start_mlflow_server
+from support import free_port, start_mlflow_server
 
 from morphmlp import tracking
 
@@ -21,7 +21,7 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 def test_an_outage_queues_calls_warns_once_and_delivers_them_when_the_server_is_back(
-    tmp_path, caplog
+    tmp_path, caplog, capsys
 ):
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -45,8 +45,11 @@ def test_an_outage_queues_calls_warns_once_and_delivers_them_when_the_server_is_
 
         history = tracking.client(uri).get_metric_history(run_id, "m")
         assert sorted(m.step for m in history) == list(range(21))
+        capsys.readouterr()
         tracker.end("FINISHED")
         assert tracking.client(uri).get_run(run_id).info.status == "FINISHED"
+        # MLflow's own "🏃 View run ... at: URL" lines stay off the job's console
+        assert "View run" not in capsys.readouterr().out
     finally:
         _kill(server)
 

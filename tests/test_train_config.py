@@ -4,7 +4,6 @@ recipe is a named layer, and --print-config prints the resolved YAML without Ray
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import load_job
 
 from morphmlp.config import from_dict
 from morphmlp.train.config import RECIPES_DIR, TrainJobConfig, resolve_config
@@ -30,16 +30,9 @@ TYPED_VALUES = [
 KEYS = {"--name": ("run", "name"), "--storage": ("run", "storage")}
 
 
-def _job(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_job", REPO / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(("flag", "value"), TYPED_VALUES)
 def test_train_flags_mean_what_the_user_typed(flag, value):
-    train = _job("train")
+    train = load_job("train")
     cfg = resolve_config(train.config_tree(train.parse_args([flag, value])))
     section, key = KEYS[flag]
     assert getattr(getattr(cfg, section), key) == value
@@ -48,12 +41,12 @@ def test_train_flags_mean_what_the_user_typed(flag, value):
 @pytest.mark.parametrize(("flag", "value"), TYPED_VALUES)
 def test_print_config_of_both_jobs_holds_what_the_user_typed(flag, value, capsys):
     section, key = KEYS[flag]
-    assert _job("train").main(["--print-config", flag, value]) == 0
+    assert load_job("train").main(["--print-config", flag, value]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed[section][key] == value
     assert from_dict(TrainJobConfig, printed) == resolve_config({section: {key: value}})
 
-    assert _job("tune").main(["--print-config", flag, value]) == 0
+    assert load_job("tune").main(["--print-config", flag, value]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     if flag == "--name":  # the search's name; the trials' runs are named by the search
         assert printed["search"]["name"] == value
@@ -62,7 +55,7 @@ def test_print_config_of_both_jobs_holds_what_the_user_typed(flag, value, capsys
 
 
 def test_set_values_and_config_files_are_still_yaml(tmp_path):
-    train = _job("train")
+    train = load_job("train")
     user = tmp_path / "user.yaml"
     user.write_text("optim:\n  epochs: 4\nrun:\n  name: from-file\n")
     args = ["--config", str(user), "--set", "optim.lr=2.0e-3", "--set", "run.keep_last=5"]
@@ -103,5 +96,5 @@ def test_print_config_exits_0_naming_the_recipe_without_ray_or_mlflow(job, tmp_p
 
 
 def test_bad_flag_values_still_fail_by_name(capsys):
-    assert _job("train").main(["--print-config", "--set", "optim.epochs=zero"]) == 2
+    assert load_job("train").main(["--print-config", "--set", "optim.epochs=zero"]) == 2
     assert "optim.epochs: expected an integer, got 'zero'" in capsys.readouterr().err

@@ -4,7 +4,6 @@ real Ray into a local folder and into moto's S3 server, and probed back."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
+from support import load_job
 
 from morphmlp import storage
 from morphmlp.data.decode import probe_video
@@ -26,20 +26,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASS_NAMES = ["ants", "bees", "wasps"]
 
 
-def _job():
-    spec = importlib.util.spec_from_file_location(
-        "transcode_job", os.path.join(ROOT, "jobs", "transcode.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _run(args: list[str], capsys) -> tuple[int, str, str]:
     """jobs/transcode.py's main in this process (so it joins the test session's Ray)."""
     capsys.readouterr()
     try:
-        code = _job().main(args)
+        code = load_job("transcode").main(args)
     except SystemExit as exit_:  # argparse
         code = exit_.code
     out, err = capsys.readouterr()

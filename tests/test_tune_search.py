@@ -186,7 +186,7 @@ def test_search_resumes_stops_trials_early_and_its_best_variant_trains(ranked_de
     for trial, run in by_name.items():
         assert run.data.params["gmacs"] == rows[trial]["gmacs"]
         assert run.data.params["arch.chunk_lengths"] == "[7, 14, 7, 8]"
-        assert run.info.status == status[rows[trial]["status"]]
+        assert run.info.status == status[rows[trial]["status"]], (trial, rows[trial])
         if trial in completed:
             assert "curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 

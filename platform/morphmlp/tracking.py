@@ -89,9 +89,12 @@ def package_versions() -> dict[str, str]:
 
 # MLflow's client retries an unreachable server with backoff for minutes by default; a job that
 # checks reachability before work starts wants an answer in seconds. And its INFO lines are not the
-# job's. Set before any client is made; a value the user exported wins.
+# job's, nor are the two "View run / View experiment" lines it writes to stdout each time a run
+# on a server ends (the jobs print the run and the UI themselves, once). Set before any client is
+# made; a value the user exported wins.
 _CLIENT_DEFAULTS = {
     "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",

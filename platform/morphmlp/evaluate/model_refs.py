@@ -2,7 +2,8 @@
 
 References:
   models:/morphmlp/<version>        a registered model version (what the schedule evaluates)
-  models:/morphmlp@<alias>          the version an alias (best, latest, champion) points at
+  models:/morphmlp/latest           the newest version, as MLflow means it (highest number)
+  models:/morphmlp@<alias>          the version an alias (best, newest, champion) points at
   runs:/<run_id>                    that training run's best model (checkpoints/best/model.pt)
   runs:/<run_id>/<artifact path>    a file, or a folder holding model.pt, in that run
   <path or URI>                     a model.pt file: ours carries its architecture and classes;
@@ -35,7 +36,7 @@ from morphmlp.models.weights import CheckpointError, torch_load, unwrap_state_di
 
 MODEL_FILE = "model.pt"
 BEST_ARTIFACT = "checkpoints/best"
-_MODEL_URI = re.compile(rf"^models:/{tracking.REGISTERED_MODEL}/(\d+)$")
+_MODEL_URI = re.compile(rf"^models:/{tracking.REGISTERED_MODEL}/(\d+|latest)$")
 _ALIAS_URI = re.compile(rf"^models:/{tracking.REGISTERED_MODEL}@([A-Za-z0-9_-]+)$")
 EXPORTED_SUFFIXES = (".pt2", ".onnx")
 _RUN_URI = re.compile(r"^runs:/([0-9a-fA-F]+)(?:/(.+))?$")
@@ -133,7 +134,7 @@ def load(
     alias = _ALIAS_URI.match(reference)
     run = _RUN_URI.match(reference)
     if version is not None:
-        ckpt = _load_model_version(version.group(1), uri)
+        ckpt = _load_model_version(_version_number(version.group(1), uri), uri)
     elif alias is not None:
         ckpt = _load_model_version(_alias_version(alias.group(1), uri), uri)
     elif run is not None:
@@ -156,12 +157,27 @@ def load(
     return _finish(ckpt, variant=variant, frames=frames, img_size=img_size)
 
 
+def _version_number(version: str, uri: str | None) -> str:
+    if version != "latest":
+        return version
+    versions = registered_versions(uri)
+    if not versions:
+        raise CheckpointNotFoundError(f"{tracking.REGISTERED_MODEL} has no registered versions")
+    return versions[-1].version
+
+
 def _alias_version(alias: str, uri: str | None) -> str:
     aliases = registered_aliases(uri)
     if alias not in aliases:
         known = ", ".join(f"{name} (v{v})" for name, v in aliases.items()) or "none"
+        # MLflow refuses "latest" as an alias name: its newest version has a URI of its own
+        hint = (
+            f"; the newest version is models:/{tracking.REGISTERED_MODEL}/latest"
+            if alias.lower() == "latest"
+            else ""
+        )
         raise CheckpointNotFoundError(
-            f"alias {alias!r} of {tracking.REGISTERED_MODEL} is not set; aliases: {known}"
+            f"alias {alias!r} of {tracking.REGISTERED_MODEL} is not set; aliases: {known}{hint}"
         )
     return aliases[alias]
 

@@ -348,11 +348,8 @@ def check_resources(cfg: TrainJobConfig) -> None:
 
 def _train_ingest(cfg: TrainJobConfig):
     import ray
-    from ray import train as ray_train
-    from ray.data import ExecutionResources
+    from ray.data import DataContext, ExecutionOptions, ExecutionResources
 
-    options = ray_train.DataConfig.default_ingest_options()
-    options.preserve_order = True  # positions in order: "consumed so far" is one number
     # The training pool streams for the whole run; left alone it can grow into every CPU the
     # workers leave, and the validation pool, started each epoch, then waits forever for one.
     # So it is limited to the cluster's CPUs less the workers' and one validation pool's.
@@ -360,8 +357,14 @@ def _train_ingest(cfg: TrainJobConfig):
     reserve = data.decode_actors[0] * data.cpus_per_decode_actor
     workers = cfg.scaling.workers * cfg.scaling.cpus_per_worker
     cpus = ray.cluster_resources().get("CPU", 0.0)
-    options.resource_limits = ExecutionResources(cpu=max(reserve, cpus - workers - reserve))
-    return options
+    # Built here rather than from DataConfig.default_ingest_options(), which copies the
+    # deprecated exclude_resources (Ray 2.60 warns at each copy); what else it carries over
+    # from the DataContext is verbose_progress.
+    return ExecutionOptions(
+        resource_limits=ExecutionResources(cpu=max(reserve, cpus - workers - reserve)),
+        preserve_order=True,  # positions in order: "consumed so far" is one number
+        verbose_progress=DataContext.get_current().execution_options.verbose_progress,
+    )
 
 
 def _quiet(context) -> None:

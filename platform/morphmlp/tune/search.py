@@ -515,8 +515,12 @@ def _trial_result(prep: SearchPlan, result) -> report.TrialResult:
 
 
 def _close_trial_run(prep: SearchPlan, result: report.TrialResult, parent_run_id: str) -> None:
-    """Cost, architecture and outcome on the trial's MLflow run. The runs of trials that ASHA
-    stopped, or that failed, are still open (their training was cut off): they are ended here."""
+    """Cost, architecture and outcome on the trial's MLflow run, and its final status: the
+    search's verdict. A trial cut off by ASHA or by an error may have left its run open, or
+    ended it itself as the cut reached it (a fit that raises ends FAILED, also when the cause
+    is Tune stopping it, or the search's Ctrl-C before a resume that ASHA then stopped): so
+    stopped trials end KILLED and failed ones FAILED whatever the run says. A completed trial's
+    own recording ended it FINISHED; it is ended here only if that never happened."""
     variant_uri = storage.join(prep.root, TRIALS_DIR, result.name, VARIANT_FILE)
     if result.run_id is None:  # failed before its training run existed
         tags = {"mlflow.parentRunId": parent_run_id}
@@ -531,12 +535,13 @@ def _close_trial_run(prep: SearchPlan, result: report.TrialResult, parent_run_id
     if result.error is not None:
         tracker.log_text(result.error, "error.txt")
     try:
-        still_open = tracker.client.get_run(result.run_id).info.status == "RUNNING"
+        status = tracker.client.get_run(result.run_id).info.status
     except Exception as err:  # a tracking outage must not lose the search's report
         log.warning("could not read MLflow run %s of %s: %s", result.run_id, result.name, err)
         return
-    if still_open:
-        tracker.end("FAILED" if result.status == "failed" else "KILLED")
+    want = "FAILED" if result.status == "failed" else "KILLED"
+    if status != want and (result.status != "completed" or status == "RUNNING"):
+        tracker.end(want)
 
 
 def _write_best(prep: SearchPlan, best: report.TrialResult) -> tuple[str, str]:

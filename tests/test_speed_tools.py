@@ -1,4 +1,4 @@
-"""The benchmark scripts in jobs/ run end to end at tiny sizes and print their figures. They are
+"""The speed tools in jobs/ (speed_*.py) run end to end at tiny sizes and print their figures. They are
 not timed here: the figures in docs/benchmarks.md come from full runs."""
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ def _run(script: str, *args: str, timeout: int) -> str:
     return done.stdout
 
 
-def test_benchmark_data_pipeline_prints_both_core_counts_and_memory(tmp_path):
+def test_speed_data_pipeline_prints_both_core_counts_and_memory(tmp_path):
     out = _run(
-        "benchmark_data.py",
+        "speed_data.py",
         "--parts", "pipeline",
         "--seconds", "2",
         "--pipeline-warmup", "0",
@@ -49,7 +49,7 @@ def test_benchmark_data_pipeline_prints_both_core_counts_and_memory(tmp_path):
 
 
 @pytest.mark.slow
-def test_benchmark_data_json_on_a_folder_of_videos(tmp_path, make_video):
+def test_speed_data_json_on_a_folder_of_videos(tmp_path, make_video):
     """--videos: any folder of videos (nested, H.264 and VP9); --json: the three figures and their
     ratios. The torchcodec baseline is there when torchcodec is, and said to be missing when not."""
     (tmp_path / "videos" / "sub").mkdir(parents=True)
@@ -57,7 +57,7 @@ def test_benchmark_data_json_on_a_folder_of_videos(tmp_path, make_video):
     make_video(str(tmp_path / "videos" / "sub" / "b.webm"), codec="vp9", width=96, height=128)
     (tmp_path / "videos" / "notes.txt").write_text("not a video")
     out = _run(
-        "benchmark_data.py",
+        "speed_data.py",
         "--parts", "clips-per-cpu",
         "--videos", str(tmp_path / "videos"),
         "--clips", "1",
@@ -92,9 +92,9 @@ def test_benchmark_data_json_on_a_folder_of_videos(tmp_path, make_video):
     assert re.search(r"pipeline [\d.]+ clips per decode-actor CPU-s", out), out
 
 
-def test_benchmark_data_refuses_a_folder_without_videos(tmp_path):
+def test_speed_data_refuses_a_folder_without_videos(tmp_path):
     done = subprocess.run(
-        [sys.executable, str(REPO / "jobs" / "benchmark_data.py"), "--videos", str(tmp_path)],
+        [sys.executable, str(REPO / "jobs" / "speed_data.py"), "--videos", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -103,9 +103,9 @@ def test_benchmark_data_refuses_a_folder_without_videos(tmp_path):
     assert done.returncode == 2 and f"--videos {tmp_path}: no video files" in done.stderr
 
 
-def test_benchmark_model_cpu_prints_a_row_for_the_variant():
+def test_speed_model_cpu_prints_a_row_for_the_variant():
     out = _run(
-        "benchmark_model.py",
+        "speed_model.py",
         "--variants", "xs",
         "--batch-size", "1",
         "--threads", "1",

@@ -1,8 +1,8 @@
 """MorphMLP speed and memory: forward and forward+backward clips/s and peak memory per variant.
 
-    python jobs/benchmark_model.py                         # CPU: xs (batch 8), s and b (batch 1)
-    python jobs/benchmark_model.py --variants xs --batch-size 8 --threads 2
-    python jobs/benchmark_model.py --device cuda           # bf16 autocast, eager and compiled
+    python jobs/speed_model.py                         # CPU: xs (batch 8), s and b (batch 1)
+    python jobs/speed_model.py --variants xs --batch-size 8 --threads 2
+    python jobs/speed_model.py --device cuda           # bf16 autocast, eager and compiled
 
 CPU runs are fp32 eager. Throughput is batch size / fastest of the timed steps. On CUDA each
 variant runs with bf16 autocast, eager and under torch.compile, and the table adds the training
@@ -117,7 +117,7 @@ def _child(case: dict) -> dict:
         [sys.executable, __file__, "--child", json.dumps(case)], capture_output=True, text=True
     )
     if out.returncode != 0:
-        raise RuntimeError(f"benchmark of {case} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"measuring {case} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

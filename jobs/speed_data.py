@@ -1,7 +1,7 @@
-"""Benchmark the video data path (figures for docs/benchmarks.md).
+"""Measure the video data path (figures for docs/benchmarks.md).
 
-    python jobs/benchmark_data.py                 # all three parts, ~3 min on 2 cores
-    python jobs/benchmark_data.py --parts per-core --clips 20
+    python jobs/speed_data.py                 # all three parts, ~3 min on 2 cores
+    python jobs/speed_data.py --parts per-core --clips 20
 
 1. per-core: training clips per CPU-second (16 frames at stride 4, 224², RandomResizedCrop +
    flip + RandAugment, one thread) from 320p and 720p H.264 and 320p VP9/webm videos made here
@@ -329,7 +329,7 @@ def pipeline(paths: dict[str, str], cpus: int, args: argparse.Namespace) -> dict
 
 
 def _decode_actor_memory(psutil) -> list[tuple[int, int, int]]:
-    """(rss, uss, pss) of every live decode actor process of this benchmark."""
+    """(rss, uss, pss) of every live decode actor process of this measurement."""
     found = []
     for proc in _decode_actors(psutil):
         try:
@@ -341,7 +341,7 @@ def _decode_actor_memory(psutil) -> list[tuple[int, int, int]]:
 
 
 def _decode_actors(psutil) -> list:
-    """This benchmark's decode actor processes (Ray titles them ray::MapWorker...): descendants
+    """This measurement's decode actor processes (Ray titles them ray::MapWorker...): descendants
     of this process only, since other Ray instances may run on the machine."""
     found = []
     for proc in psutil.Process().children(recursive=True):
