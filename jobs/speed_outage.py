@@ -234,26 +234,28 @@ def ratio(num: float | None, den: float | None) -> float | None:
     return num / den if num and den else None
 
 
+def bracketed(per: dict[int, dict], key: str) -> list[float | None]:
+    """Each outage's median against the mean of the up windows' medians on either side of it."""
+    out = []
+    for w in sorted(per):
+        if w % 2 == 1:
+            around = [per[v][key] for v in (w - 1, w + 1) if v in per and per[v][key]]
+            out.append(ratio(per[w][key], statistics.mean(around) if around else None))
+    return out
+
+
 def summarize(steps: list[Step], result: Result, batch: int) -> None:
     """Per window, pooled over up and down, and each outage against the up windows around it."""
     windows = sorted({s.window for s in steps if s.window >= 0})
     per = {w: medians(steps, lambda s, w=w: s.window == w, batch) for w in windows}
     result.windows = [{"window": w, "down": w % 2 == 1, **per[w]} for w in windows]
-    result.pooled = {
-        "up": medians(steps, lambda s: s.window >= 0 and not s.down, batch),
-        "down": medians(steps, lambda s: s.down, batch),
-    }
-    for key, pooled_out, bracketed_out in (
-        ("step_time_s", "ratio_down_up_step_time", "bracketed_step_time"),
-        ("wall_s", "ratio_down_up_wall", "bracketed_wall"),
-    ):
-        setattr(result, pooled_out, ratio(result.pooled["down"][key], result.pooled["up"][key]))
-        bracketed = []
-        for w in windows:
-            if w % 2 == 1:
-                around = [per[v][key] for v in (w - 1, w + 1) if v in per and per[v][key]]
-                bracketed.append(ratio(per[w][key], statistics.mean(around) if around else None))
-        setattr(result, bracketed_out, bracketed)
+    up = medians(steps, lambda s: s.window >= 0 and not s.down, batch)
+    down = medians(steps, lambda s: s.down, batch)
+    result.pooled = {"up": up, "down": down}
+    result.ratio_down_up_step_time = ratio(down["step_time_s"], up["step_time_s"])
+    result.ratio_down_up_wall = ratio(down["wall_s"], up["wall_s"])
+    result.bracketed_step_time = bracketed(per, "step_time_s")
+    result.bracketed_wall = bracketed(per, "wall_s")
 
 
 def run(args: argparse.Namespace, workdir: Path) -> Result:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 from collections.abc import Callable
 
 import av
 import numpy as np
 import pytest
+from support import free_port
 
 # ---------------------------------------------------------------------------------------------
 # Videos
@@ -163,9 +163,7 @@ def s3_server() -> str:
     """moto's S3 server on 127.0.0.1 (random port); credentials and endpoint in the environment."""
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

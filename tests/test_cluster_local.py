@@ -28,6 +28,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from support import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 UP = REPO / "cluster" / "local" / "up.sh"
@@ -64,12 +65,6 @@ def check_job(output: str, mlflow_uri: str, index_uri: str) -> None:
     versions = client.search_model_versions(f"run_id='{run.info.run_id}'")
     assert {v.tags["kind"] for v in versions} == {"best", "final"}
     assert all(v.name == "morphmlp" and v.tags["dataset"] == index_uri for v in versions)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _submit(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -172,7 +167,7 @@ def test_local_cluster_token_auth_and_clean_shutdown(tmp_path, s3_bucket, tiny_d
     state_dir = tmp_path / "state"
     # Short: Ray's Unix socket paths inside it must stay under 107 bytes.
     ray_temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
-    ports = {name: _free_port() for name in ("RAY", "CLIENT", "DASHBOARD", "MLFLOW")}
+    ports = {name: free_port() for name in ("RAY", "CLIENT", "DASHBOARD", "MLFLOW")}
     dashboard = f"http://127.0.0.1:{ports['DASHBOARD']}"
     mlflow_uri = f"http://127.0.0.1:{ports['MLFLOW']}"
     artifacts = f"{s3_bucket}/mlflow-{uuid.uuid4().hex[:8]}"
@@ -333,7 +328,7 @@ def test_up_refuses_a_port_in_use_and_starts_nothing(tmp_path):
             **os.environ,
             "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
             "STATE_DIR": str(tmp_path / "state"),
-            **{var: str(_free_port()) for var in ("RAY_PORT", "RAY_CLIENT_PORT", "MLFLOW_PORT")},
+            **{var: str(free_port()) for var in ("RAY_PORT", "RAY_CLIENT_PORT", "MLFLOW_PORT")},
             "DASHBOARD_PORT": str(port),
         }
         up = subprocess.run(["bash", str(UP)], env=env, capture_output=True, text=True, timeout=60)

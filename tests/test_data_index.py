@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+from support import error_lines
 
 from morphmlp import storage
 from morphmlp.data import probe
@@ -274,7 +275,7 @@ def test_prepare_data_finds_an_unwritable_out_before_probing(videos, tmp_path, m
     monkeypatch.setattr(probe, "probe_videos", no_probing)
     argv = ["--from-folder", str(tmp_path / "videos"), "--out", "/proc/no-write/index.parquet"]
     assert _prepare_data_job().main(argv) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1, errors
     assert (
         errors[0].startswith("error: --out /proc/no-write/index.parquet: ")
@@ -294,7 +295,7 @@ def test_prepare_data_unreachable_address_fails_with_one_line(videos, tmp_path):
         [*command, "--address", "127.0.0.1:1"], capture_output=True, text=True, env=env, timeout=120
     )
     assert result.returncode == 2, result.stdout + result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    errors = error_lines(result.stderr)
     assert len(errors) == 1, result.stderr
     assert "can't connect to the Ray cluster at 127.0.0.1:1" in errors[0]
     assert not out.exists()

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import error_lines
 
 from morphmlp.config import from_dict
 from morphmlp.data.config import DataConfig
@@ -36,7 +37,7 @@ def test_the_training_job_rejects_num_samples_zero_with_one_line_and_exit_2():
         text=True,
     )
     assert out.returncode == 2 and out.stdout == ""
-    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    errors = error_lines(out.stderr)
     assert errors == [
         "error: data.num_samples=0 must be an integer >= 1 (clips per decoded training video)"
     ]

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from support import load_job
+from support import error_lines, load_job
 
 from morphmlp import tracking
 from morphmlp.config import to_dict
@@ -325,7 +325,7 @@ def test_evaluate_job_rejects_bad_input(store, bench_index, tmp_path, capsys):
     for argv, message in cases:
         assert evaluate.main([*argv, "--catalog", catalog]) == 2, argv
         err = capsys.readouterr().err
-        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        errors = error_lines(err)
         assert len(errors) == 1 and message in errors[0], (argv, err)
     assert _eval_runs(store) == []  # nothing started
 

@@ -4,10 +4,10 @@ an image model's weights into a video model."""
 from __future__ import annotations
 
 import io
-import socket
 
 import pytest
 import torch
+from support import free_port
 
 from morphmlp.errors import ConfigError, StorageError
 from morphmlp.models import (
@@ -183,18 +183,12 @@ def test_image_weights_into_a_video_model_need_an_inflation_mode():
 # --- object storage -----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_loads_from_s3(tmp_path, monkeypatch):
     boto3 = pytest.importorskip("boto3")
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     try:

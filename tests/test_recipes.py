@@ -24,6 +24,7 @@ import subprocess
 import sys
 
 import pytest
+from support import error_lines
 
 from morphmlp.config import ConfigError, load_yaml, merge
 from morphmlp.models.factory import model_config
@@ -293,6 +294,6 @@ def test_train_job_names_the_missing_weights_in_one_line(tmp_path):
         timeout=300,
     )
     assert out.returncode == 2, out.stderr
-    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    errors = error_lines(out.stderr)
     assert errors == ["error: model.pretrained: pretrained/video_morphmlp_s.pth not found"]
     assert not os.listdir(tmp_path)  # nothing written before the check

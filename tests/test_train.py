@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from support import error_lines
 
 from morphmlp.errors import ConfigError, StorageError
 from morphmlp.train.checkpoint import (
@@ -146,7 +147,7 @@ def test_bad_input_fails_with_one_line_before_any_worker(
     store = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     result = _run_train(*base, *args, env={**store, **env})
     assert result.returncode == 2, result.stdout + result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    errors = error_lines(result.stderr)
     assert len(errors) == 1 and message in errors[0], result.stderr
     assert "RayTrainWorker" not in result.stdout + result.stderr
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import error_lines
 
 from morphmlp.models import load_variant_file
 
@@ -70,7 +71,7 @@ def test_an_invalid_space_is_refused_before_anything_starts(tiny_demo_index, tmp
         capture_output=True, text=True, timeout=120, env=_env(tmp_path), cwd=REPO,
     )  # fmt: skip
     assert result.returncode == 2, result.stdout + result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    errors = error_lines(result.stderr)
     assert len(errors) == 1, result.stderr
     assert "stage 1 (28×28=784-token plane): chunk length 5 fits none of the stage's" in errors[0]
     assert "Valid here: width 28: 1, 2, 4, 7, 14, 28" in errors[0]
